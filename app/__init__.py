@@ -1,0 +1,1 @@
+"""MedAsk inference service. Importing the package imports nothing heavy."""

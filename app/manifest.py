@@ -1,0 +1,71 @@
+"""The checkpoint contract: ``manifest.json`` lists the sha256 of every file.
+
+Pure standard library. Training writes manifests with ``file_digests`` and the
+service refuses to start on a folder that ``verify_checkpoint`` finds fault with,
+so both sides agree on what a complete checkpoint is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file below ``folder`` except the manifest itself."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return out
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """Everything wrong with a checkpoint folder; an empty list means it is sound."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"checkpoint folder {folder} does not exist"]
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder} has no {MANIFEST}: not a published MedAsk checkpoint"]
+    try:
+        manifest = read_manifest(folder)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{folder / MANIFEST} is not valid JSON: {exc}"]
+    problems: list[str] = []
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return [f"{MANIFEST} lists no files"]
+    for name in REQUIRED:
+        if name not in files:
+            problems.append(f"{name} is missing from the manifest")
+    if not any(n.endswith(".safetensors") for n in files):
+        problems.append("the manifest lists no .safetensors weights")
+    for rel, meta in files.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is listed in the manifest but missing")
+        elif path.stat().st_size != meta.get("bytes"):
+            problems.append(
+                f"{rel} has {path.stat().st_size} bytes, the manifest says {meta.get('bytes')} (truncated or altered)"
+            )
+        elif sha256_file(path) != meta.get("sha256"):
+            problems.append(f"{rel} fails its sha256 check against the manifest (altered)")
+    return problems

@@ -1,0 +1,105 @@
+"""The one place where a role and a question become chat messages.
+
+Training formats every SFT/DPO example with these functions and the service
+builds every prompt with them, so the model is trained under exactly the
+contract it is served under. The role instruction is attached to every
+example (Llama-2's Ghost Attention idea) so the model keeps the persona.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_ROLE = "General Practitioner"
+
+SPECIALTIES: tuple[str, ...] = (
+    "General Practitioner",
+    "Cardiologist",
+    "Pulmonologist",
+    "Neurologist",
+    "Gastroenterologist",
+    "Endocrinologist",
+    "Nephrologist",
+    "Infectious Disease Specialist",
+    "Oncologist",
+    "Hematologist",
+    "Rheumatologist",
+    "Dermatologist",
+    "Pediatrician",
+    "Obstetrician-Gynecologist",
+    "Psychiatrist",
+    "Orthopedic Surgeon",
+    "Emergency Physician",
+    "Ophthalmologist",
+    "Otolaryngologist",
+    "Urologist",
+)
+
+MAX_ROLE_CHARS = 64
+
+# Plain-text markers rather than a model family's own format: the same template
+# works for the embedded default (whose tokenizer makes the markers single
+# special tokens) and for any Llama-family base folder. A prompt always ends in
+# "\n" so that prompt and answer tokenize independently with byte-level BPE.
+# BOS is written by the template, so prompts are always tokenized with
+# add_special_tokens=False (as TRL does), never getting it twice.
+CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+MARKER_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def system_instruction(role: str) -> str:
+    """The paper's "act as a <role>" instruction, phrased for a clinical answer."""
+    return (
+        f"Act as a {role}. Answer the clinical question as a {role} would: "
+        "give the most likely diagnosis and the recommended next steps or treatment."
+    )
+
+
+def clean_role(role: str | None) -> str:
+    """Normalise a role: default when empty; control characters are refused by callers."""
+    role = (role or "").strip()
+    return role or DEFAULT_ROLE
+
+
+def role_problem(role: str) -> str | None:
+    """Why a role string is unacceptable, or None when it is fine."""
+    if len(role) > MAX_ROLE_CHARS:
+        return f"role must be at most {MAX_ROLE_CHARS} characters"
+    if _CONTROL.search(role):
+        return "role must not contain control characters"
+    return None
+
+
+def build_messages(question: str, role: str = DEFAULT_ROLE) -> list[dict[str, str]]:
+    """Chat messages for one clinical question answered in a role."""
+    return [
+        {"role": "system", "content": system_instruction(clean_role(role))},
+        {"role": "user", "content": question.strip()},
+    ]
+
+
+def render_prompt(tokenizer: object, question: str, role: str = DEFAULT_ROLE) -> str:
+    """The prompt text the model sees, ending where the answer starts."""
+    return render_messages(tokenizer, build_messages(question, role))
+
+
+def render_messages(tokenizer: object, messages: list[dict[str, str]]) -> str:
+    """Apply the checkpoint's chat template (ours) with the generation prompt."""
+    return tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        messages, tokenize=False, add_generation_prompt=True
+    )
+
+
+def answer_suffix(tokenizer: object) -> str:
+    """What follows an answer in training text: the end-of-sequence token."""
+    return tokenizer.eos_token or ""  # type: ignore[attr-defined]

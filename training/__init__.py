@@ -1,0 +1,1 @@
+"""MedAsk offline training pipeline: MedText -> SFT -> DPO -> GPTQ -> checkpoint."""

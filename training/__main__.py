@@ -1,0 +1,103 @@
+"""Command line: ``python -m training run --recipe training/recipes/ci.yaml --out out/ckpt``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# quiet and offline by default: nothing here may reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) the pipeline and publish a checkpoint")
+    run.add_argument("--recipe", required=True, help="a YAML file in training/recipes/")
+    run.add_argument("--out", required=True, help="folder to publish the checkpoint to")
+    run.add_argument("--work", help="stage folders (default: runs/<recipe name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. --set sft.epochs=1")
+    run.add_argument("--until", choices=["base", "sft", "dpo", "gptq", "eval"],
+                     help="stop after this stage (no publish)")
+    run.add_argument("--force", action="store_true", help="replace a different checkpoint at --out")
+
+    sub.add_parser("split", help="rewrite training/data/split.json from the seed")
+
+    verify = sub.add_parser("verify", help="check a published checkpoint against its manifest")
+    verify.add_argument("folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "split":
+        from training.data import write_split
+
+        record = write_split()
+        print(f"held out {record['heldout']} of {record['rows']} rows (seed {record['seed']})")
+        return 0
+    if args.command == "verify":
+        from app.manifest import verify_checkpoint
+
+        problems = verify_checkpoint(Path(args.folder))
+        for problem in problems:
+            print(f"FAIL {problem}")
+        print("OK" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+
+    import torch
+
+    from training.artifact import PublishError, check_destination, publish
+    from training.config import RecipeError, load_recipe
+    from training.pipeline import run_pipeline
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        out = Path(args.out)
+        if not args.until:
+            check_destination(out, force=args.force)
+    except (RecipeError, PublishError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    work = Path(args.work) if args.work else Path("runs") / recipe.name
+    t0 = time.time()
+    result = run_pipeline(recipe, work, until=args.until or "eval")
+    if args.until:
+        print(f"stopped after {args.until}; stage folders in {work}")
+        return 0
+    try:
+        manifest = publish(work, out, recipe, force=args.force, run_seconds=result.seconds)
+    except PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _summary(manifest, out, time.time() - t0, result)
+    return 0
+
+
+def _summary(manifest: dict, out: Path, seconds: float, result: object) -> None:
+    print("\n" + "=" * 72)
+    print(f"MedAsk checkpoint published: {out}")
+    print(f"recipe {manifest['recipe']['name']}  base {manifest['base_model']}  "
+          f"quantization {manifest['quantization'].get('method', 'none')}")
+    print(f"{'stage':<6} {'token ppl':>10} {'word ppl':>10} {'bits/byte':>10} {'reward acc':>11}")
+    for stage, m in manifest["metrics"].items():
+        acc = m.get("reward_accuracy")
+        acc_s = f"{acc:.3f}" if isinstance(acc, float) else "-"
+        print(f"{stage:<6} {m['perplexity']:>10.3f} {m['word_perplexity']:>10.3f} "
+              f"{m['bits_per_byte']:>10.4f} {acc_s:>11}")
+    print(f"held-out rows {manifest['data']['eval_rows']}; this run {seconds:.0f}s "
+          f"(reused: {', '.join(result.reused) or 'none'}); report: {out / 'report.md'}")
+    print("=" * 72)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Publish a checkpoint: model + tokenizer + report + manifest, atomically.
+
+The folder is assembled beside the destination and renamed into place, so a
+crash never leaves a folder the service could load half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from app.manifest import MANIFEST, file_digests, read_manifest, verify_checkpoint
+from training.config import Recipe
+from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH, file_sha256
+from training.pipeline import model_dir
+
+__all__ = ["PublishError", "check_destination", "publish", "verify_checkpoint"]
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+LIBRARIES = ("torch", "transformers", "trl", "gptqmodel", "optimum", "tokenizers", "accelerate", "datasets")
+
+
+class PublishError(RuntimeError):
+    """The destination cannot take this checkpoint; nothing was overwritten."""
+
+
+def check_destination(out: Path, force: bool = False, fingerprint: str | None = None) -> None:
+    """Refuse early: an unwritable parent, or a folder holding another checkpoint."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PublishError(f"cannot publish to {out}: {parent} is not writable")
+    if out.exists() and any(out.iterdir()) and not force:
+        if not (out / MANIFEST).is_file():
+            raise PublishError(f"{out} exists and is not a MedAsk checkpoint; use --force to replace it")
+        held = read_manifest(out).get("recipe_fingerprint")
+        if fingerprint is not None and held != fingerprint:
+            raise PublishError(
+                f"{out} already holds a different checkpoint (recipe {held}); use --force to replace it"
+            )
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return versions
+
+
+def publish(
+    work: Path, out: Path, recipe: Recipe, force: bool = False, run_seconds: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Assemble the checkpoint from the stage folders and rename it into ``out``."""
+    check_destination(out, force=force, fingerprint=recipe.fingerprint())
+    model_stage = work / ("gptq" if recipe.quantize.enabled else "dpo")
+    eval_stage = work / "eval"
+    src = model_dir(model_stage)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for name in MODEL_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        for weights in sorted(src.glob("*.safetensors")) + sorted(src.glob("*.safetensors.index.json")):
+            shutil.copy2(weights, tmp / weights.name)
+        for name in ("report.md", "metrics.json"):
+            shutil.copy2(eval_stage / name, tmp / name)
+        if (eval_stage / "plots").is_dir():
+            shutil.copytree(eval_stage / "plots", tmp / "plots")
+        manifest = _manifest(work, recipe, tmp, run_seconds or {})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n", encoding="utf-8")
+        problems = verify_checkpoint(tmp)
+        if problems:
+            raise PublishError("assembled checkpoint fails verification: " + "; ".join(problems))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def _stage_info(work: Path, name: str) -> dict[str, Any]:
+    path = work / name / "STAGE_DONE.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, float]) -> dict[str, Any]:
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    split = json.loads(SPLIT_PATH.read_text())
+    config = json.loads((folder / "config.json").read_text())
+    qcfg = config.get("quantization_config") or {}
+    return {
+        "name": f"medask-{recipe.name}",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "recipe_fingerprint": recipe.fingerprint(),
+        "base_model": recipe.base.path or "embedded default (built from scratch by training/base.py)",
+        "architecture": config.get("architectures", ["?"])[0],
+        "parameters": _stage_info(work, "base").get("parameters"),
+        "recipe": recipe.model_dump(mode="json"),
+        "data": {
+            "medtext_sha256": file_sha256(MEDTEXT_PATH),
+            "medquad_sha256": file_sha256(MEDQUAD_PATH),
+            "split_sha256": file_sha256(SPLIT_PATH),
+            "split_seed": split["seed"],
+            "train_rows": split["train"] if recipe.data.train_rows is None else recipe.data.train_rows,
+            "heldout_rows": split["heldout"],
+            "eval_rows": metrics["eval_rows"],
+        },
+        "quantization": {
+            "method": qcfg.get("quant_method"),
+            "bits": qcfg.get("bits"),
+            "group_size": qcfg.get("group_size"),
+            "sym": qcfg.get("sym"),
+            "desc_act": qcfg.get("desc_act"),
+            "checkpoint_format": qcfg.get("checkpoint_format") or qcfg.get("format"),
+            "calibration": "MedText train split only",
+        } if qcfg else {"method": None},
+        "metrics": metrics["stages"],
+        "dpo": metrics.get("dpo"),
+        "stage_seconds": {name: _stage_info(work, name).get("seconds") for name in ("base", "sft", "dpo", "gptq", "eval")},
+        "this_run_seconds": run_seconds,
+        "libraries": library_versions(),
+        "files": file_digests(folder),
+    }

@@ -1,0 +1,136 @@
+"""recipe -> data -> base -> sft -> dpo -> quantize -> evaluate -> publish.
+
+Each stage reads the previous stage's folder and writes its own under the
+work folder; a stage is reused when its folder is complete and was made from
+the same settings (its key), so a rerun resumes at the first missing stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.config import Recipe
+from training.stages import Stage
+
+STAGES = ("base", "sft", "dpo", "gptq", "eval")
+
+
+def _key(*parts: object) -> str:
+    blob = json.dumps([p if not hasattr(p, "model_dump") else p.model_dump(mode="json") for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stage_keys(recipe: Recipe) -> dict[str, str]:
+    """Each stage's key covers its own settings and every upstream stage's."""
+    base = _key(recipe.base, recipe.data.train_rows, recipe.seed)
+    sft = _key(base, recipe.sft, recipe.dtype)
+    dpo = _key(sft, recipe.dpo)
+    gptq = _key(dpo, recipe.quantize)
+    evaluate = _key(gptq, recipe.evaluate, recipe.data.eval_rows)
+    return {"base": base, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
+
+
+@dataclass
+class RunResult:
+    work: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+
+def _stale(stage: Stage, key: str) -> bool:
+    return stage.done() and stage.info().get("key") != key
+
+
+def run_pipeline(
+    recipe: Recipe,
+    work: Path,
+    until: str = "eval",
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Run (or resume) every stage up to ``until`` in ``work``."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+    work.mkdir(parents=True, exist_ok=True)
+    keys = stage_keys(recipe)
+    result = RunResult(work)
+    upstream_rebuilt = False
+    for name in STAGES:
+        stage = Stage(work, name)
+        if stage.done() and (upstream_rebuilt or _stale(stage, keys[name])):
+            log(f"[{name}] settings changed: rebuilding this stage")
+            shutil.rmtree(stage.final)
+        if stage.partial.exists() and _partial_key(stage) not in (None, keys[name]):
+            log(f"[{name}] discarding a partial run made with other settings")
+            shutil.rmtree(stage.partial)
+        if stage.done():
+            result.reused.append(name)
+            log(f"[{name}] done already: {stage.final}")
+        else:
+            upstream_rebuilt = True
+            stage.begin()
+            (stage.partial / "STAGE_KEY").write_text(keys[name])
+            t0 = time.time()
+            if name == "base":
+                if recipe.base.path:
+                    _reference_base(stage, recipe)
+                else:
+                    from training.base import build_base
+
+                    build_base(stage, recipe.base.build, recipe.seed, recipe.data.train_rows)
+            elif name == "sft":
+                from training.sft import run_sft
+
+                run_sft(stage, Stage(work, "base").final, recipe)
+            elif name == "dpo":
+                from training.dpo import run_dpo
+
+                run_dpo(stage, Stage(work, "sft").final, recipe)
+            elif name == "gptq":
+                from training.quantize import run_quantize
+
+                run_quantize(stage, Stage(work, "dpo").final, recipe)
+            elif name == "eval":
+                from training.evaluate import run_evaluate
+
+                run_evaluate(stage, work, recipe)
+            _stamp_key(stage, keys[name], time.time() - t0)
+            result.seconds[name] = round(time.time() - t0, 1)
+            log(f"[{name}] finished in {result.seconds[name]:.0f}s")
+        if name == until:
+            break
+    return result
+
+
+def _partial_key(stage: Stage) -> str | None:
+    path = stage.partial / "STAGE_KEY"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _stamp_key(stage: Stage, key: str, seconds: float) -> None:
+    info_path = stage.final / "STAGE_DONE.json"
+    info = json.loads(info_path.read_text())
+    info.update({"key": key, "seconds": round(seconds, 1)})
+    info_path.write_text(json.dumps(info, indent=1, default=str))
+
+
+def _reference_base(stage: Stage, recipe: Recipe) -> None:
+    """An external base folder is used in place, not copied: record where it is."""
+    path = Path(recipe.base.path or "").expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"base.path {path} is not a Hugging Face model folder (no config.json there)"
+        )
+    (stage.partial / "BASE_PATH").write_text(str(path.resolve()))
+    stage.finish({"external": str(path.resolve())})
+
+
+def model_dir(stage_folder: Path) -> Path:
+    """The folder holding a stage's model: itself, or the external base it names."""
+    pointer = stage_folder / "BASE_PATH"
+    return Path(pointer.read_text().strip()) if pointer.is_file() else stage_folder

@@ -1,0 +1,61 @@
+"""Stage folders: each stage writes ``<name>.partial`` and renames it when done.
+
+A finished stage folder is complete by construction, so a rerun resumes at the
+first missing one; a ``.partial`` folder holds that stage's own checkpoints and
+lets it resume mid-stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    work: Path
+    name: str
+
+    @property
+    def final(self) -> Path:
+        return self.work / self.name
+
+    @property
+    def partial(self) -> Path:
+        return self.work / f"{self.name}.partial"
+
+    def done(self) -> bool:
+        return (self.final / "STAGE_DONE.json").is_file()
+
+    def begin(self) -> Path:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        return self.partial
+
+    def finish(self, info: dict[str, Any] | None = None) -> Path:
+        """Mark the partial folder complete and move it into place atomically."""
+        (self.partial / "STAGE_DONE.json").write_text(json.dumps(info or {}, indent=1, default=str))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.final / "STAGE_DONE.json").read_text())
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: lively on a terminal, sparse in logs."""
+    import sys
+
+    return 0.1 if sys.stderr.isatty() else 30.0
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
