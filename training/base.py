@@ -121,8 +121,8 @@ def build_base(stage: Stage, cfg: BuildConfig, seed: int, train_limit: int | Non
         batch = torch.stack([data[s : s + block].long() for s in starts.tolist()])
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids=batch, labels=batch)
+        # plain fp32: bf16 autocast is ~20x slower for training on these CPUs (measured)
+        out = model(input_ids=batch, labels=batch)
         loss = out.loss
         optim.zero_grad(set_to_none=True)
         loss.backward()

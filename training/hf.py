@@ -1,0 +1,64 @@
+"""What SFT and DPO share: loading a stage's model, Trainer settings, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.prompting import CHAT_TEMPLATE
+from training.config import Recipe
+from training.stages import write_json
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The stage's tokenizer, carrying our chat template and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(folder: Path, recipe: Recipe) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[recipe.dtype])
+
+
+def common_args(recipe: Recipe, output_dir: Path, save_steps: int) -> dict[str, Any]:
+    """TrainingArguments every stage uses: CPU unless a GPU is there, no hub, no trackers."""
+    on_gpu = torch.cuda.is_available()
+    return {
+        "output_dir": str(output_dir),
+        "seed": recipe.seed,
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and recipe.dtype == "bfloat16",
+        "report_to": [],
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "save_total_limit": 1,
+        "dataloader_num_workers": 0,
+        "push_to_hub": False,
+        "disable_tqdm": False,
+        "lr_scheduler_type": "cosine",
+    }
+
+
+def resume_point(output_dir: Path) -> str | None:
+    """The newest Trainer checkpoint under output_dir, to resume a killed run."""
+    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def save_trained(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """Final weights, tokenizer and the Trainer's log history into the stage folder."""
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    write_json(out / "train_log.json", trainer.state.log_history)
