@@ -23,10 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", required=True, help="a YAML file in training/recipes/")
     run.add_argument("--out", required=True, help="folder to publish the checkpoint to")
     run.add_argument("--work", help="stage folders (default: runs/<recipe name>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe value, e.g. --set sft.epochs=1")
-    run.add_argument("--until", choices=["base", "sft", "dpo", "gptq", "eval"],
-                     help="stop after this stage (no publish)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set sft.epochs=1",
+    )
+    run.add_argument(
+        "--until", choices=["base", "sft", "dpo", "gptq", "eval"], help="stop after this stage (no publish)"
+    )
     run.add_argument("--force", action="store_true", help="replace a different checkpoint at --out")
 
     sub.add_parser("split", help="rewrite training/data/split.json from the seed")
@@ -86,16 +93,21 @@ def main(argv: list[str] | None = None) -> int:
 def _summary(manifest: dict, out: Path, seconds: float, result: object) -> None:
     print("\n" + "=" * 72)
     print(f"MedAsk checkpoint published: {out}")
-    print(f"recipe {manifest['recipe']['name']}  base {manifest['base_model']}  "
-          f"quantization {manifest['quantization'].get('method', 'none')}")
+    print(
+        f"recipe {manifest['recipe']['name']}  base {manifest['base_model']}  "
+        f"quantization {manifest['quantization'].get('method', 'none')}"
+    )
     print(f"{'stage':<6} {'token ppl':>10} {'word ppl':>10} {'bits/byte':>10} {'reward acc':>11}")
     for stage, m in manifest["metrics"].items():
         acc = m.get("reward_accuracy")
         acc_s = f"{acc:.3f}" if isinstance(acc, float) else "-"
-        print(f"{stage:<6} {m['perplexity']:>10.3f} {m['word_perplexity']:>10.3f} "
-              f"{m['bits_per_byte']:>10.4f} {acc_s:>11}")
-    print(f"held-out rows {manifest['data']['eval_rows']}; this run {seconds:.0f}s "
-          f"(reused: {', '.join(result.reused) or 'none'}); report: {out / 'report.md'}")
+        print(
+            f"{stage:<6} {m['perplexity']:>10.3f} {m['word_perplexity']:>10.3f} {m['bits_per_byte']:>10.4f} {acc_s:>11}"
+        )
+    print(
+        f"held-out rows {manifest['data']['eval_rows']}; this run {seconds:.0f}s "
+        f"(reused: {', '.join(result.reused) or 'none'}); report: {out / 'report.md'}"
+    )
     print("=" * 72)
 
 

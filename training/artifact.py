@@ -50,15 +50,16 @@ def check_destination(out: Path, force: bool = False, fingerprint: str | None = 
             raise PublishError(f"{out} exists and is not a MedAsk checkpoint; use --force to replace it")
         held = read_manifest(out).get("recipe_fingerprint")
         if fingerprint is not None and held != fingerprint:
-            raise PublishError(
-                f"{out} already holds a different checkpoint (recipe {held}); use --force to replace it"
-            )
+            raise PublishError(f"{out} already holds a different checkpoint (recipe {held}); use --force to replace it")
 
 
 def _git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -151,10 +152,14 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
             "desc_act": qcfg.get("desc_act"),
             "checkpoint_format": qcfg.get("checkpoint_format") or qcfg.get("format"),
             "calibration": "MedText train split only",
-        } if qcfg else {"method": None},
+        }
+        if qcfg
+        else {"method": None},
         "metrics": metrics["stages"],
         "dpo": metrics.get("dpo"),
-        "stage_seconds": {name: _stage_info(work, name).get("seconds") for name in ("base", "sft", "dpo", "gptq", "eval")},
+        "stage_seconds": {
+            name: _stage_info(work, name).get("seconds") for name in ("base", "sft", "dpo", "gptq", "eval")
+        },
         "this_run_seconds": run_seconds,
         "libraries": library_versions(),
         "files": file_digests(folder),

@@ -98,9 +98,7 @@ def build_base(stage: Stage, cfg: BuildConfig, seed: int, train_limit: int | Non
         rope_theta=10000.0,
     )
     model = LlamaForCausalLM(config)
-    optim = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-    )
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state_path = work / "state.pt"
     step, history = 0, []
     if state_path.is_file():
@@ -134,7 +132,9 @@ def build_base(stage: Stage, cfg: BuildConfig, seed: int, train_limit: int | Non
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step, "history": history}, tmp)
+            torch.save(
+                {"model": model.state_dict(), "optim": optim.state_dict(), "step": step, "history": history}, tmp
+            )
             tmp.replace(state_path)
     bar.close()
 
@@ -147,7 +147,7 @@ def build_base(stage: Stage, cfg: BuildConfig, seed: int, train_limit: int | Non
     stage.finish(
         {
             "parameters": n_params,
-            "tokens_in_corpus": int(len(data)),
+            "tokens_in_corpus": len(data),
             "tokens_seen": cfg.steps * cfg.batch_size * block,
             "documents": len(texts),
             "seconds_this_run": round(time.time() - t0, 1),

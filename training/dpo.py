@@ -62,7 +62,10 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=resume_point(trainer_dir))
+    resume = resume_point(trainer_dir)
+    if resume:
+        print(f"[dpo] resuming from {Path(resume).name}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
     save_trained(trainer, tokenizer, work)
     shutil.rmtree(trainer_dir, ignore_errors=True)
     return stage.finish(

@@ -34,7 +34,9 @@ def load_stage_model(folder: Path) -> tuple[Any, Any]:
     from training.hf import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto" if (folder / "quantize_config.json").exists() else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype="auto" if (folder / "quantize_config.json").exists() else torch.float32
+    )
     model.eval()
     return model, tokenizer
 
@@ -42,7 +44,9 @@ def load_stage_model(folder: Path) -> tuple[Any, Any]:
 def _stage_scores(folder: Path, prompts_rows: list[tuple[str, str, str]], batch_size: int) -> dict[str, list[Score]]:
     model, tokenizer = load_stage_model(folder)
     prompts = [render_prompt(tokenizer, q, role) for q, role, _ in prompts_rows]
-    chosen = score_texts(model, tokenizer, [(p, gold) for p, (_, _, gold) in zip(prompts, prompts_rows, strict=True)], batch_size)
+    chosen = score_texts(
+        model, tokenizer, [(p, gold) for p, (_, _, gold) in zip(prompts, prompts_rows, strict=True)], batch_size
+    )
     return {"model": model, "tokenizer": tokenizer, "prompts": prompts, "chosen": chosen}  # type: ignore[dict-item]
 
 
@@ -80,7 +84,9 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
         )
         if name in ("dpo", "gptq") and "sft" in chosen:
             rc = [beta * (c.sum_logprob - ref.sum_logprob) for c, ref in zip(chosen[name], chosen["sft"], strict=True)]
-            rr = [beta * (r.sum_logprob - ref.sum_logprob) for r, ref in zip(rejected[name], rejected["sft"], strict=True)]
+            rr = [
+                beta * (r.sum_logprob - ref.sum_logprob) for r, ref in zip(rejected[name], rejected["sft"], strict=True)
+            ]
             m["reward_accuracy"] = _mean(a > b for a, b in zip(rc, rr, strict=True))
             m["reward_margin"] = _mean(a - b for a, b in zip(rc, rr, strict=True))
             m["reward_chosen"] = _mean(rc)
@@ -107,16 +113,29 @@ def _mean(values: Any) -> float:
 
 
 @torch.inference_mode()
-def _generate_samples(model: Any, tokenizer: Any, rows: list, prompts: list[str], recipe: Recipe) -> list[dict[str, str]]:
+def _generate_samples(
+    model: Any, tokenizer: Any, rows: list, prompts: list[str], recipe: Recipe
+) -> list[dict[str, str]]:
     samples = []
     for row, prompt in list(zip(rows, prompts, strict=True))[: recipe.evaluate.samples]:
         enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         gen = model.generate(
-            **enc, do_sample=False, max_new_tokens=recipe.evaluate.sample_max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **enc,
+            do_sample=False,
+            max_new_tokens=recipe.evaluate.sample_max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         answer = tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        samples.append({"id": row.id, "role": role_for_case(row.prompt), "question": row.prompt, "gold": row.completion, "generated": answer})
+        samples.append(
+            {
+                "id": row.id,
+                "role": role_for_case(row.prompt),
+                "question": row.prompt,
+                "gold": row.completion,
+                "generated": answer,
+            }
+        )
     return samples
 
 
@@ -151,7 +170,11 @@ def _plots(work: Path, out: Path, metrics: dict[str, dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (stage, key, title) in zip(
         axes,
-        [("base", "loss", "base pretraining loss"), ("sft", "loss", "SFT loss (answer tokens)"), ("dpo", "loss", "DPO loss")],
+        [
+            ("base", "loss", "base pretraining loss"),
+            ("sft", "loss", "SFT loss (answer tokens)"),
+            ("dpo", "loss", "DPO loss"),
+        ],
         strict=True,
     ):
         hist = [h for h in _log(work / stage / "train_log.json") if key in h and "step" in h]
@@ -251,7 +274,9 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
         ]
         if "heldout_ppl_change_vs_sft" in dpo:
             change = dpo["heldout_ppl_change_vs_sft"]
-            verdict = "did not collapse" if change <= 0.05 else "was displaced (held-out perplexity rose by more than 5%)"
+            verdict = (
+                "did not collapse" if change <= 0.05 else "was displaced (held-out perplexity rose by more than 5%)"
+            )
             lines += [
                 "",
                 f"On held-out rows the mean log-probability of the gold answer went from "

@@ -123,9 +123,7 @@ def _reference_base(stage: Stage, recipe: Recipe) -> None:
     """An external base folder is used in place, not copied: record where it is."""
     path = Path(recipe.base.path or "").expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"base.path {path} is not a Hugging Face model folder (no config.json there)"
-        )
+        raise FileNotFoundError(f"base.path {path} is not a Hugging Face model folder (no config.json there)")
     (stage.partial / "BASE_PATH").write_text(str(path.resolve()))
     stage.finish({"external": str(path.resolve())})
 

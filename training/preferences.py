@@ -57,7 +57,11 @@ def sampled_negatives(
     for lo in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
-            **enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=max_new_tokens,
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.95,
+            max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )
         for seq in gen[:, enc["input_ids"].shape[1] :]:

@@ -47,7 +47,9 @@ def run_quantize(stage: Stage, dpo_stage: Path, recipe: Recipe) -> Path:
     work = stage.begin()
     tokenizer = load_tokenizer(dpo_stage)
     texts = calibration_texts(tokenizer, cfg.calibration_rows, recipe.data.train_rows)
-    write_json(work / "calibration_ids.json", [r.id for r in train_rows(recipe.data.train_rows)[: cfg.calibration_rows]])
+    write_json(
+        work / "calibration_ids.json", [r.id for r in train_rows(recipe.data.train_rows)[: cfg.calibration_rows]]
+    )
     qcfg = QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act)
     src = str(Path(dpo_stage).resolve())
     dst = str(work.resolve())

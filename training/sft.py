@@ -61,7 +61,10 @@ def run_sft(stage: Stage, base_stage: Path, recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(sft_examples(tokenizer, rows)),
         processing_class=tokenizer,
     )
-    trainer.train(resume_from_checkpoint=resume_point(trainer_dir))
+    resume = resume_point(trainer_dir)
+    if resume:
+        print(f"[sft] resuming from {Path(resume).name}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
     save_trained(trainer, tokenizer, work)
     shutil.rmtree(trainer_dir, ignore_errors=True)
     return stage.finish({"rows": len(rows), "steps": trainer.state.global_step})

@@ -27,9 +27,7 @@ HELDOUT_FRACTION = 0.10
 
 # Patient vignettes name an age, a presentation or a patient; the other rows
 # are off-topic refusals, questions about the assistant and first-aid scenes.
-_VIGNETTE = re.compile(
-    r"\b\d+[- ](year|month|week|day)s?[- ]old\b|\bpresents?\b|\bpatient\b|\bcomplain", re.I
-)
+_VIGNETTE = re.compile(r"\b\d+[- ](year|month|week|day)s?[- ]old\b|\bpresents?\b|\bpatient\b|\bcomplain", re.I)
 
 
 @dataclass(frozen=True)
@@ -53,9 +51,7 @@ def load_medtext() -> tuple[MedTextRow, ...]:
     return tuple(rows)
 
 
-def make_split(
-    rows: Iterable[MedTextRow], seed: int = SPLIT_SEED, fraction: float = HELDOUT_FRACTION
-) -> list[str]:
+def make_split(rows: Iterable[MedTextRow], seed: int = SPLIT_SEED, fraction: float = HELDOUT_FRACTION) -> list[str]:
     """Held-out ids, stratified by kind so both splits get non-vignette rows."""
     rng = random.Random(seed)
     heldout: list[str] = []
@@ -151,11 +147,50 @@ def file_sha256(path: Path) -> str:
 # first match in this order wins, so specific organ systems come before the
 # catch-alls (pediatrics, emergency).
 _ROLE_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Obstetrician-Gynecologist", ("pregnan", "trimester", "menstrua", "vaginal", "ovar", "uter", "postpartum", "cervical cancer", "menopaus")),
-    ("Cardiologist", ("chest pain", "heart", "cardiac", "murmur", "palpitation", "myocard", "atrial", "hypertension", "ecg", "angina", "aortic")),
-    ("Pulmonologist", ("cough", "shortness of breath", "dyspnea", "wheez", "asthma", "lung", "pneumo", "copd", "sputum")),
-    ("Neurologist", ("headache", "seizure", "numbness", "weakness in", "stroke", "tremor", "concussion", "migraine", "neuropath", "memory", "paralysis")),
-    ("Gastroenterologist", ("abdominal", "diarrhea", "vomit", "liver", "jaundice", "bowel", "stool", "dysphagia", "epigastric", "hepat")),
+    (
+        "Obstetrician-Gynecologist",
+        ("pregnan", "trimester", "menstrua", "vaginal", "ovar", "uter", "postpartum", "cervical cancer", "menopaus"),
+    ),
+    (
+        "Cardiologist",
+        (
+            "chest pain",
+            "heart",
+            "cardiac",
+            "murmur",
+            "palpitation",
+            "myocard",
+            "atrial",
+            "hypertension",
+            "ecg",
+            "angina",
+            "aortic",
+        ),
+    ),
+    (
+        "Pulmonologist",
+        ("cough", "shortness of breath", "dyspnea", "wheez", "asthma", "lung", "pneumo", "copd", "sputum"),
+    ),
+    (
+        "Neurologist",
+        (
+            "headache",
+            "seizure",
+            "numbness",
+            "weakness in",
+            "stroke",
+            "tremor",
+            "concussion",
+            "migraine",
+            "neuropath",
+            "memory",
+            "paralysis",
+        ),
+    ),
+    (
+        "Gastroenterologist",
+        ("abdominal", "diarrhea", "vomit", "liver", "jaundice", "bowel", "stool", "dysphagia", "epigastric", "hepat"),
+    ),
     ("Endocrinologist", ("thyroid", "diabet", "glucose", "insulin", "adrenal", "cortisol", "pituitar")),
     ("Nephrologist", ("kidney", "renal", "creatinine", "proteinuria", "dialysis")),
     ("Urologist", ("urinary", "urination", "prostat", "testic", "scrot", "hematuria")),

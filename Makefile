@@ -1,0 +1,42 @@
+# Every target installs what it needs first (into .venv), so each is one command
+# on a fresh machine with Python 3.11 and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+.PHONY: install serve test lint model bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[train,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+serve: install  ## serve model_artifacts/default on http://127.0.0.1:8000
+	$(PY) -m app
+
+test: install  ## the whole test suite (what CI runs)
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check app training tests benchmarks
+	$(PY) -m ruff format --check app training tests benchmarks
+
+model: install  ## rebuild the embedded default model (resumable)
+	$(PY) -m training run --recipe training/recipes/default.yaml --out model_artifacts/default
+
+bench: install
+	$(PY) benchmarks/serve_load.py
+
+clean:
+	rm -rf runs out logs .pytest_cache

@@ -1,0 +1,52 @@
+"""The vendored data and the held-out split."""
+
+from __future__ import annotations
+
+import json
+
+from training.data import (
+    SPLIT_PATH,
+    contains_heldout,
+    heldout_rows,
+    load_medtext,
+    make_split,
+    medquad_texts,
+    medtext_train_texts,
+    role_for_case,
+    train_rows,
+)
+
+
+def test_medtext_is_complete() -> None:
+    rows = load_medtext()
+    assert len(rows) == 1412
+    assert len({r.id for r in rows}) == 1412
+
+
+def test_split_file_matches_seeded_split() -> None:
+    record = json.loads(SPLIT_PATH.read_text())
+    assert record["heldout_ids"] == make_split(load_medtext(), record["seed"], record["fraction"])
+    assert record["heldout"] == 141 and record["train"] == 1271
+
+
+def test_split_spreads_non_vignettes_over_both_sides() -> None:
+    assert any(r.kind == "other" for r in heldout_rows())
+    assert any(r.kind == "other" for r in train_rows())
+    assert {r.id for r in heldout_rows()}.isdisjoint(r.id for r in train_rows())
+
+
+def test_pretraining_corpus_has_no_heldout_text() -> None:
+    corpus = medquad_texts(3000) + medtext_train_texts()
+    assert not any(contains_heldout(doc) for doc in corpus)
+
+
+def test_leak_detector_catches_a_leak() -> None:
+    # the guard above would be vacuous if it could not see a planted leak
+    leaked = heldout_rows()[0]
+    assert contains_heldout(f"notes\n{leaked.prompt}\n{leaked.completion}")
+
+
+def test_roles_fit_the_case() -> None:
+    assert role_for_case("A 60-year-old man presents with crushing chest pain radiating to his arm.") == "Cardiologist"
+    assert role_for_case("A pregnant woman in her third trimester has headaches.") == "Obstetrician-Gynecologist"
+    assert role_for_case("How do I fix the transmission in my car?") == "General Practitioner"

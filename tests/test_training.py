@@ -1,0 +1,125 @@
+"""The training pipeline end to end on the ci recipe: checkpoint, leakage, resume, publish safety."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from app.manifest import read_manifest, verify_checkpoint
+from tests.conftest import CI_RECIPE, ROOT, run_training
+from training.config import RecipeError, load_recipe
+from training.data import heldout_ids
+
+
+def test_checkpoint_is_standard_gptq_4bit(ci_checkpoint: Path) -> None:
+    config = json.loads((ci_checkpoint / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 128
+    assert q.get("checkpoint_format", q.get("format")) == "gptq"
+    with safe_open(ci_checkpoint / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert any(k.endswith("qweight") for k in keys)
+    assert any(k.endswith("qzeros") for k in keys) and any(k.endswith("scales") for k in keys)
+    # calibration text must not be copied into the config
+    assert "dataset" not in q
+
+
+def test_checkpoint_loads_and_generates(ci_checkpoint: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ci_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(ci_checkpoint)
+    enc = tok("A 40-year-old woman presents with", return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    assert tok.chat_template and "<|assistant|>" in tok.chat_template
+
+
+def test_manifest_describes_and_verifies(ci_checkpoint: Path) -> None:
+    assert verify_checkpoint(ci_checkpoint) == []
+    m = read_manifest(ci_checkpoint)
+    assert set(m["metrics"]) == {"base", "sft", "dpo", "gptq"}
+    for stage in m["metrics"].values():
+        assert stage["bits_per_byte"] > 0 and stage["word_perplexity"] >= stage["perplexity"] > 1
+    assert m["quantization"]["method"] == "gptq"
+    assert m["data"]["heldout_rows"] == 141
+    assert m["libraries"]["transformers"]
+    report = (ci_checkpoint / "report.md").read_text()
+    assert "1.98" in report and "not comparable" in report
+    for png in ("training_loss.png", "dpo_rewards.png", "perplexity_by_stage.png"):
+        assert (ci_checkpoint / "plots" / png).stat().st_size > 1000
+
+
+def test_no_stage_sees_heldout_rows(ci_run: dict[str, Path]) -> None:
+    work = ci_run["work"]
+    held = heldout_ids()
+    for stage in ("sft", "dpo"):
+        used = set(json.loads((work / stage / "medtext_ids.json").read_text()))
+        assert used and used.isdisjoint(held), f"{stage} trained on held-out rows"
+    calib = set(json.loads((work / "gptq" / "calibration_ids.json").read_text()))
+    assert calib and calib.isdisjoint(held)
+    evaluated = set(json.loads((work / "eval" / "medtext_ids.json").read_text()))
+    assert evaluated <= held
+    # DPO pairs: neither answer may be a held-out completion
+    from training.data import contains_heldout
+
+    for pair in json.loads((work / "dpo" / "pairs.json").read_text()):
+        assert not contains_heldout(pair["prompt"] + pair["chosen"] + pair["rejected"])
+
+
+def test_unknown_recipe_key_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CI_RECIPE.read_text() + "\nsft_typo: 1\n")
+    with pytest.raises(RecipeError, match="sft_typo"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="learning_rat"):
+        load_recipe(CI_RECIPE, ["dpo.learning_rat=1"])
+
+
+def test_publish_refuses_a_different_checkpoint(ci_run: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    shutil.copytree(ci_run["out"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["recipe_fingerprint"] = "someone-elses"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in out.iterdir())
+    proc = run_training(
+        "run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(ci_run["work"]), check=False
+    )
+    assert proc.returncode == 2 and "different checkpoint" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "manifest.json").read_text())["recipe_fingerprint"] == "someone-elses"
+    # with --force it is replaced by a verified checkpoint
+    run_training("run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(ci_run["work"]), "--force")
+    assert verify_checkpoint(out) == []
+
+
+def test_killed_run_resumes_and_publishes(ci_run: dict[str, Path], tmp_path: Path) -> None:
+    """Kill the run inside SFT after its first Trainer checkpoint; the rerun resumes from it."""
+    work, out = tmp_path / "work", tmp_path / "ckpt"
+    work.mkdir()
+    shutil.copytree(ci_run["work"] / "base", work / "base")  # start at SFT
+    cmd = [sys.executable, "-m", "training", "run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(work)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((work / "sft.partial" / "trainer").glob("checkpoint-*")):
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not (work / "sft").exists()
+    rerun = run_training(*cmd[3:])
+    assert "[sft] resuming from checkpoint-" in rerun.stdout
+    assert verify_checkpoint(out) == []
+    assert not list(out.parent.glob(".ckpt.tmp-*"))
