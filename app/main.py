@@ -1,0 +1,125 @@
+"""create_app(settings): routers, middleware, and a lifespan that loads ONE engine.
+
+The model loads in a background thread so /health answers at once and /ready
+tells the truth (503 with the reason) until the model is loaded and warmed up.
+A checkpoint that cannot be served stops the process with a non-zero exit
+unless MEDASK_EXIT_ON_LOAD_FAILURE=false (then /ready keeps saying why).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine import CheckpointError
+from app.metrics import Metrics
+from app.routes import ask, health, openai, score
+from app.security import Gateway, configure_logging
+from app.serving import ApiError, Serving
+from app.settings import Settings
+
+log = logging.getLogger("medask")
+LOAD_FAILURE_EXIT = 3
+
+DESCRIPTION = """
+MedAsk answers clinical questions in a role ("act as a Cardiologist") from a GPTQ 4-bit checkpoint
+published by `training/`. Every answer is decision support, not a diagnosis.
+
+Auth: `Authorization: Bearer <key>` on every route except `/health` and `/ready` when `MEDASK_API_KEYS` is set.
+Errors: always `{"error": {"type", "message", "param"}}`.
+"""
+
+
+def _error(status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers)
+
+
+def _load(serving: Serving) -> None:
+    try:
+        serving.load()
+    except CheckpointError as exc:
+        log.error("cannot serve the checkpoint: %s", exc, extra={"event": "load_failed"})
+        if serving.settings.exit_on_load_failure:
+            logging.shutdown()
+            os._exit(LOAD_FAILURE_EXIT)
+    except Exception as exc:  # anything else while loading is as fatal, and said as plainly
+        serving.load_error = f"{type(exc).__name__}: {exc}"
+        serving.state = "failed"
+        log.exception("model load failed", extra={"event": "load_failed"})
+        if serving.settings.exit_on_load_failure:
+            logging.shutdown()
+            os._exit(LOAD_FAILURE_EXIT)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+    serving = Serving(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for warning in settings.warnings():
+            log.warning("UNSAFE CONFIGURATION: %s", warning, extra={"event": "unsafe_config"})
+        loader = threading.Thread(target=_load, args=(serving,), name="medask-loader", daemon=True)
+        app.state.loader = loader
+        loader.start()
+        yield
+        serving.shutdown()
+
+    app = FastAPI(title="MedAsk", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.serving = serving
+    app.state.settings = settings
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.type, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            return _error(400, "invalid_json", "request body is not valid JSON", None)
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            msg = f"unknown field {param!r}"
+        return _error(422, "invalid_request_error", f"{param}: {msg}" if param else msg, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
+        return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"event": "unhandled", "exc_type": type(exc).__name__})
+        return _error(500, "internal_error", "internal error; the request id identifies it in the logs")
+
+    for router in (ask.router, score.router, openai.router, health.router):
+        app.include_router(router)
+    if settings.cors_list:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_list), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
+    app.add_middleware(Gateway, settings=settings, metrics=metrics)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` builds the app on first access, so importing this
+    # module (tests, tools) never loads a model
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

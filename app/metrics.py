@@ -1,0 +1,48 @@
+"""Prometheus collectors, prefixed ``medask_``, names modelled on vLLM's.
+
+No label ever carries request text: labels are the route template, the status
+code and fixed model facts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PPL_BUCKETS = (1, 1.5, 2, 3, 5, 8, 13, 20, 35, 60, 100, 200, 500)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never clash."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("medask_requests", "HTTP requests by route template and status", ["route", "status"], registry=r)
+        self.e2e_latency = Histogram(
+            "medask_e2e_request_latency_seconds", "End-to-end request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttft = Histogram(
+            "medask_time_to_first_token_seconds", "Time from arrival to the first generated token", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("medask_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("medask_generation_tokens", "Tokens generated", registry=r)
+        self.running = Gauge("medask_num_requests_running", "Requests in the batch on the model now", registry=r)
+        self.waiting = Gauge("medask_num_requests_waiting", "Requests queued for the model", registry=r)
+        self.batch_size = Histogram("medask_batch_size", "Requests per model batch", buckets=BATCH_BUCKETS, registry=r)
+        self.answer_perplexity = Histogram(
+            "medask_answer_perplexity", "Model perplexity of its own served answers", buckets=PPL_BUCKETS, registry=r
+        )
+        self.queue_rejections = Counter("medask_queue_rejections", "Requests refused with 429 (queue full)", registry=r)
+        self.model_load_seconds = Gauge("medask_model_load_seconds", "Seconds taken to load the checkpoint", registry=r)
+        self.model_info = Gauge(
+            "medask_model_info", "The served model (value 1)", ["model", "quantization", "kernel", "device"], registry=r
+        )
+        self.ready = Gauge("medask_ready", "1 when the model is loaded and warmed up", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,21 @@
+"""Thin routers: validate, call the Serving handler, shape the response."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from app.serving import Serving
+
+ERRORS = {
+    400: {"description": "Invalid request (e.g. prompt + max tokens exceed the context)"},
+    401: {"description": "Missing or invalid API key"},
+    413: {"description": "Body too large"},
+    422: {"description": "Body fails validation"},
+    429: {"description": "Queue full; see Retry-After"},
+    503: {"description": "Model not loaded yet"},
+    504: {"description": "Request timed out"},
+}
+
+
+def serving(request: Request) -> Serving:
+    return request.app.state.serving

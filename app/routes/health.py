@@ -1,0 +1,62 @@
+"""Probes, model facts and Prometheus metrics."""
+
+from __future__ import annotations
+
+import platform
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+
+from app.metrics import CONTENT_TYPE
+from app.routes import serving
+from app.serving import Serving
+
+router = APIRouter(tags=["operations"])
+
+ABOUT = (
+    "A small demonstration model trained here on 2 CPU cores from scratch: a few million parameters, "
+    "NOT clinically useful. Build a real model from a local Llama-family base with the `paper` recipe on a GPU."
+)
+
+
+@router.get("/health", summary="Liveness: 200 while the process works")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded", responses={503: {"description": "Not ready, with the reason"}})
+async def ready(svc: Annotated[Serving, Depends(serving)]) -> Any:
+    if svc.ready:
+        return {"status": "ready", "model": svc.model_name}
+    body = {
+        "error": {
+            "type": "service_unavailable",
+            "message": f"not ready: {svc.load_error or 'model is ' + svc.state.replace('_', ' ')}",
+            "param": None,
+        },
+        "status": svc.state,
+    }
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/info", summary="The served model: name, base, quantization, kernel, device, held-out metrics, versions")
+async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+    engine, scheduler = svc.require_ready()
+    out = engine.info()
+    out["model"] = svc.model_name
+    if "default" in str(engine.manifest.get("recipe", {}).get("name", "")) or engine.manifest.get("recipe", {}).get("base", {}).get("path") is None:
+        out["about"] = ABOUT
+    out["serving"] = {
+        "batching": svc.settings.batching,
+        "max_batch_size": scheduler.max_batch,
+        "queue_size": svc.settings.queue_size,
+        "batches_run": scheduler.batches,
+        "python": platform.python_version(),
+    }
+    return out
+
+
+@router.get("/metrics", summary="Prometheus metrics (medask_ prefix)", response_class=Response)
+async def metrics(svc: Annotated[Serving, Depends(serving)]) -> Response:
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,165 @@
+"""OpenAI-compatible endpoints, so the openai SDK and lm-evaluation-harness
+(`local-completions`) work unchanged.
+
+Chat: the system message is the role ("Cardiologist" or "act as a
+Cardiologist"), the last user message is the question, and the prompt is built
+by app.prompting like /ask. Completions: raw text, no template; ``echo`` with
+``max_tokens=0`` and ``logprobs`` scores the prompt (log-likelihood requests).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
+from app.prompting import DEFAULT_ROLE, role_problem
+from app.routes import ERRORS, serving
+from app.schemas import ChatCompletionRequest, CompletionRequest, openai_usage
+from app.serving import ApiError, Serving, new_id, sse
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+_ACT_AS = re.compile(r"^\s*(?:please\s+)?act\s+as\s+(?:an?\s+)?", re.I)
+
+
+def role_from_system(content: str | None) -> str:
+    if content is None:
+        return DEFAULT_ROLE
+    role = _ACT_AS.sub("", content).strip().rstrip(".").strip() or DEFAULT_ROLE
+    problem = role_problem(role)
+    if problem:
+        raise ApiError(400, "invalid_request_error", f"system message is used as the role: {problem}", "messages")
+    return role
+
+
+@router.get("/models", summary="The one served model")
+async def models(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+    svc.require_ready()
+    return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": 0, "owned_by": "medask"}]}
+
+
+@router.post("/chat/completions", responses=ERRORS, summary="OpenAI chat completions (system message = role)")
+async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
+    engine, _ = svc.require_ready()
+    system = next((m.content for m in req.messages if m.role == "system"), None)
+    users = [m.content for m in req.messages if m.role == "user"]
+    if not users or not users[-1].strip():
+        raise ApiError(400, "invalid_request_error", "messages must include a non-empty user message", "messages")
+    question = users[-1].strip()
+    if len(question) > 4000:
+        raise ApiError(400, "invalid_request_error", "the user message must be at most 4000 characters", "messages")
+    role = role_from_system(system)
+    prompt = engine.encode_question(question, role)
+    max_new = req.max_completion_tokens or req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    if max_new is None:
+        max_new = max(1, min(svc.settings.max_new_tokens_default, engine.context_length - len(prompt)))
+    svc.check_context(len(prompt), max_new, param)
+    params = SamplingParams(max_new, req.temperature, req.top_p, req.seed)
+    cid, created = new_id("chatcmpl"), int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    if req.stream:
+        first = {"sent": False}
+
+        def on_piece(piece: str) -> str:
+            delta = {"content": piece} if first["sent"] else {"role": "assistant", "content": piece}
+            first["sent"] = True
+            return sse(chunk(delta))
+
+        def on_done(result: GenerationResult) -> list[str]:
+            final = chunk({}, _finish(result))
+            final["usage"] = openai_usage(result.prompt_tokens, len(result.token_ids))
+            return [sse(final), "data: [DONE]\n\n"]
+
+        return svc.stream(request, prompt, params, on_piece, on_done)
+    result = await svc.generate(request, prompt, params)
+    svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, answer=result.text)
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": svc.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text.strip()},
+                     "finish_reason": _finish(result), "logprobs": None}],
+        "usage": openai_usage(result.prompt_tokens, len(result.token_ids)),
+    }
+
+
+def _finish(result: GenerationResult) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"
+
+
+def _logprobs_block(engine: Engine, echo: PromptLogprobs | None, result: GenerationResult | None, offset0: int) -> dict[str, Any]:
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    if echo is not None:
+        tokens += echo.tokens
+        lps += echo.logprobs
+        tops += echo.top
+        offsets += echo.offsets
+    if result is not None:
+        pos = offset0
+        for tid, lp in zip(result.token_ids, result.logprobs, strict=True):
+            piece = engine.tokenizer.decode([tid])
+            tokens.append(piece)
+            lps.append(lp)
+            tops.append({piece: lp})
+            offsets.append(pos)
+            pos += len(piece)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+@router.post("/completions", responses=ERRORS, summary="OpenAI completions: raw text, echo + logprobs + max_tokens=0 for scoring")
+async def completions(req: CompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
+    engine, _ = svc.require_ready()
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if req.stream and len(prompts) > 1:
+        raise ApiError(400, "invalid_request_error", "stream supports a single prompt", "prompt")
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "invalid_request_error", "max_tokens=0 needs echo=true (score the prompt)", "max_tokens")
+    encoded = [engine.encode(p) for p in prompts]
+    for ids in encoded:
+        if not ids:
+            raise ApiError(400, "invalid_request_error", "prompt encodes to no tokens", "prompt")
+        svc.check_context(len(ids), req.max_tokens, "max_tokens")
+    cid, created = new_id("cmpl"), int(time.time())
+    params = SamplingParams(max(req.max_tokens, 1), req.temperature, req.top_p, req.seed)
+
+    if req.stream:
+        def on_piece(piece: str) -> str:
+            return sse({"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
+                        "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]})
+
+        def on_done(result: GenerationResult) -> list[str]:
+            return [sse({"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
+                         "choices": [{"index": 0, "text": "", "finish_reason": _finish(result), "logprobs": None}],
+                         "usage": openai_usage(result.prompt_tokens, len(result.token_ids))}), "data: [DONE]\n\n"]
+
+        return svc.stream(request, encoded[0], params, on_piece, on_done)
+
+    choices, n_prompt, n_completion = [], 0, 0
+    for i, (text, ids) in enumerate(zip(prompts, encoded, strict=True)):
+        echo_lp = None
+        if req.echo and req.logprobs is not None:
+            top_k = req.logprobs
+            echo_lp = await svc.call(request, lambda e, t=text, k=top_k: e.prompt_logprobs(t, k))
+        result = None
+        if req.max_tokens > 0:
+            result = await svc.generate(request, ids, params)
+        out_text = (text if req.echo else "") + (result.text if result else "")
+        block = None
+        if req.logprobs is not None:
+            block = _logprobs_block(engine, echo_lp, result, len(text) if req.echo else 0)
+        choices.append({"index": i, "text": out_text, "logprobs": block,
+                        "finish_reason": _finish(result) if result else "length"})
+        n_prompt += len(ids)
+        n_completion += len(result.token_ids) if result else 0
+    svc.note(request, n_prompt, n_completion)
+    return {"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
+            "choices": choices, "usage": openai_usage(n_prompt, n_completion)}

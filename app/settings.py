@@ -1,0 +1,66 @@
+"""Every knob of the service, as a MEDASK_* environment variable."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.prompting import SPECIALTIES
+
+
+class Settings(BaseSettings):
+    """Safe defaults for local use; what is unsafe in production is logged loudly at start."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDASK_", env_file=".env", extra="ignore")
+
+    model_dir: Path = Path("model_artifacts/default")
+    model_name: str | None = Field(None, description="served model id; default: the manifest's name")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    batching: bool = Field(True, description="off: one request at a time through the model (baseline)")
+    max_batch_size: int = Field(16, ge=1, le=256)
+    batch_wait_ms: float = Field(8.0, ge=0, le=1000)
+    queue_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_new_tokens_default: int = Field(256, ge=1)
+    warmup: bool = True
+    exit_on_load_failure: bool = True
+
+    api_keys: str = Field("", description="comma-separated bearer keys; empty disables auth")
+    metrics_public: bool = False
+    cors_origins: str = Field("", description="comma-separated origins, or *")
+    audit_hashes: bool = Field(False, description="log sha256 of question/answer text (never the text)")
+    log_level: str = "INFO"
+    roles: str = Field(",".join(SPECIALTIES), description="comma-separated specialties listed at /roles")
+
+    @cached_property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @cached_property
+    def role_list(self) -> tuple[str, ...]:
+        return tuple(r.strip() for r in self.roles.split(",") if r.strip())
+
+    @cached_property
+    def cors_list(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
+
+    def warnings(self) -> list[str]:
+        out = []
+        if not self.keys:
+            out.append("NO API KEYS CONFIGURED: every route is open. Set MEDASK_API_KEYS before exposing this service.")
+        if "*" in self.cors_list:
+            out.append("CORS allows every origin (MEDASK_CORS_ORIGINS=*): any web page can call this API.")
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.keys:
+            out.append(f"listening on {self.host} without API keys.")
+        return out
