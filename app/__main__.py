@@ -20,8 +20,14 @@ def main() -> int:
     if not settings.model_dir.exists():
         print(f"error: checkpoint folder {settings.model_dir} does not exist (set MEDASK_MODEL_DIR)", file=sys.stderr)
         return 3
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 

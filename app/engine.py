@@ -82,7 +82,9 @@ def pick_device(wanted: str) -> str:
 class Engine:
     """A checkpoint loaded once; all methods run on the scheduler's worker thread."""
 
-    def __init__(self, model: Any, tokenizer: Any, folder: Path, manifest: dict[str, Any], device: str, load_seconds: float):
+    def __init__(
+        self, model: Any, tokenizer: Any, folder: Path, manifest: dict[str, Any], device: str, load_seconds: float
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.folder = folder
@@ -186,7 +188,9 @@ class Engine:
                     finish[j] = "stop"
                     continue
                 out_ids[j].append(token)
-                out_lp[j].append(float(chosen_logprobs(logits[r : r + 1], torch.tensor([token], device=logits.device))[0]))
+                out_lp[j].append(
+                    float(chosen_logprobs(logits[r : r + 1], torch.tensor([token], device=logits.device))[0])
+                )
                 new_text = self.tokenizer.decode(out_ids[j], skip_special_tokens=True)
                 if job.on_text is not None and not new_text.endswith("\ufffd") and len(new_text) > len(texts[j]):
                     job.on_text(new_text[len(texts[j]) :])
@@ -208,7 +212,7 @@ class Engine:
                 active = [active[r] for r in keep]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
             step_ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-            positions = (mask.sum(-1, keepdim=True) - 1)
+            positions = mask.sum(-1, keepdim=True) - 1
             out = self.model(
                 input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
             )

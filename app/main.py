@@ -39,8 +39,12 @@ Errors: always `{"error": {"type", "message", "param"}}`.
 """
 
 
-def _error(status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers)
+def _error(
+    status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers
+    )
 
 
 def _load(serving: Serving) -> None:
@@ -98,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
+        kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
         return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None)
 
     @app.exception_handler(Exception)
@@ -109,8 +113,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (ask.router, score.router, openai.router, health.router):
         app.include_router(router)
     if settings.cors_list:
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_list), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_list),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        )
     app.add_middleware(Gateway, settings=settings, metrics=metrics)
     return app
 

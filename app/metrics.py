@@ -22,12 +22,21 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("medask_requests", "HTTP requests by route template and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "medask_requests", "HTTP requests by route template and status", ["route", "status"], registry=r
+        )
         self.e2e_latency = Histogram(
-            "medask_e2e_request_latency_seconds", "End-to-end request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            "medask_e2e_request_latency_seconds",
+            "End-to-end request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "medask_time_to_first_token_seconds", "Time from arrival to the first generated token", buckets=TTFT_BUCKETS, registry=r
+            "medask_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter("medask_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("medask_generation_tokens", "Tokens generated", registry=r)

@@ -42,7 +42,14 @@ class _Work:
 
 class Scheduler:
     def __init__(
-        self, engine: Engine, metrics: Metrics, *, batching: bool, max_batch_size: int, batch_wait_ms: float, queue_size: int
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        batching: bool,
+        max_batch_size: int,
+        batch_wait_ms: float,
+        queue_size: int,
     ) -> None:
         self.engine = engine
         self.metrics = metrics

@@ -59,7 +59,9 @@ def _clean_role(v: str) -> str:
 
 class AskRequest(_Request):
     question: str = Field(..., description="the clinical question, 1..4000 characters after trimming")
-    role: str = Field(DEFAULT_ROLE, description=f"a specialty from /roles or free text up to {MAX_ROLE_CHARS} characters")
+    role: str = Field(
+        DEFAULT_ROLE, description=f"a specialty from /roles or free text up to {MAX_ROLE_CHARS} characters"
+    )
     max_new_tokens: int = Field(256, ge=1, le=4096)
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -161,7 +163,9 @@ class PerplexityRequest(_Request):
             if not single:
                 raise ValueError("give text, question and answer, or items")
             self.items = [
-                PerplexityItem(text=self.text, question=self.question, answer=self.answer, role=self.role or DEFAULT_ROLE)
+                PerplexityItem(
+                    text=self.text, question=self.question, answer=self.answer, role=self.role or DEFAULT_ROLE
+                )
             ]
         return self
 
@@ -234,9 +238,7 @@ class CompletionRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [{"prompt": "Hypertension is", "max_tokens": 0, "echo": True, "logprobs": 1}]
-        },
+        json_schema_extra={"examples": [{"prompt": "Hypertension is", "max_tokens": 0, "echo": True, "logprobs": 1}]},
     )
 
     @field_validator("prompt")

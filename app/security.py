@@ -129,7 +129,11 @@ class Gateway:
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])],
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        *(extra or []),
+                    ],
                 }
             )
             await send_wrapped({"type": "http.response.body", "body": body})
@@ -140,10 +144,18 @@ class Gateway:
             if self.settings.keys and not self._public(path):
                 auth = headers.get("authorization", "")
                 scheme, _, token = auth.partition(" ")
-                caller = check_key(token.strip(), self.settings.keys) if scheme.lower() == "bearer" and token.strip() else None
+                caller = (
+                    check_key(token.strip(), self.settings.keys)
+                    if scheme.lower() == "bearer" and token.strip()
+                    else None
+                )
                 if caller is None:
-                    await reply(401, "authentication_error", "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                [(b"www-authenticate", b"Bearer")])
+                    await reply(
+                        401,
+                        "authentication_error",
+                        "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                        [(b"www-authenticate", b"Bearer")],
+                    )
                     return
             state["key_id"] = caller
             limit = self.settings.max_body_bytes
@@ -165,7 +177,9 @@ class Gateway:
             await self.app(scope, receive_limited, send_wrapped)
         except _BodyTooLarge:
             if not status_holder["started"]:
-                await reply(413, "request_too_large", f"request body exceeds the {self.settings.max_body_bytes}-byte limit")
+                await reply(
+                    413, "request_too_large", f"request body exceeds the {self.settings.max_body_bytes}-byte limit"
+                )
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status_holder["status"] == 404 else "other")

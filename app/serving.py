@@ -31,7 +31,9 @@ log = logging.getLogger("medask.serving")
 class ApiError(Exception):
     """An error with its HTTP status and the project's error shape."""
 
-    def __init__(self, status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.type, self.message, self.param = status, type_, message, param
         self.headers = headers or {}
@@ -64,21 +66,35 @@ class Serving:
             self.model_name, str(engine.quantization.get("quant_method") or "none"), engine.kernel, engine.device
         ).set(1)
         self.scheduler = Scheduler(
-            engine, self.metrics, batching=s.batching, max_batch_size=s.max_batch_size,
-            batch_wait_ms=s.batch_wait_ms, queue_size=s.queue_size,
+            engine,
+            self.metrics,
+            batching=s.batching,
+            max_batch_size=s.max_batch_size,
+            batch_wait_ms=s.batch_wait_ms,
+            queue_size=s.queue_size,
         )
         self.scheduler.start()
         if s.warmup:
             self.state = "warming_up"
-            prompt = engine.encode_question("Warm-up: a patient has a mild headache. What next?", "General Practitioner")
+            prompt = engine.encode_question(
+                "Warm-up: a patient has a mild headache. What next?", "General Practitioner"
+            )
             result = engine.generate([GenerationJob(prompt, SamplingParams(max_new_tokens=4))])[0]
             if result.finish_reason not in ("stop", "length"):
                 raise CheckpointError("warm-up generation failed")
         self.ready = True
         self.state = "ready"
         self.metrics.ready.set(1)
-        log.info("model ready", extra={"event": "ready", "model": self.model_name, "device": engine.device,
-                                       "kernel": engine.kernel, "load_seconds": round(engine.load_seconds, 2)})
+        log.info(
+            "model ready",
+            extra={
+                "event": "ready",
+                "model": self.model_name,
+                "device": engine.device,
+                "kernel": engine.kernel,
+                "load_seconds": round(engine.load_seconds, 2),
+            },
+        )
 
     def shutdown(self) -> None:
         if self.scheduler is not None:
@@ -104,7 +120,8 @@ class Serving:
         limit = engine.context_length
         if prompt_tokens + max_new > limit:
             raise ApiError(
-                400, "context_length_exceeded",
+                400,
+                "context_length_exceeded",
                 f"prompt ({prompt_tokens} tokens) + {param} ({max_new}) exceeds the model's context of {limit} tokens; "
                 f"shorten the question or lower {param} to at most {max(limit - prompt_tokens, 0)}",
                 param,
@@ -185,20 +202,25 @@ class Serving:
             try:
                 while True:
                     getter = asyncio.ensure_future(pieces.get())
-                    done, _ = await asyncio.wait({getter, fut}, timeout=max(deadline - time.monotonic(), 0),
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {getter, fut}, timeout=max(deadline - time.monotonic(), 0), return_when=asyncio.FIRST_COMPLETED
+                    )
                     if getter in done:
                         yield on_piece(getter.result())
                         continue
                     getter.cancel()
                     if not done:
-                        yield sse({"error": {"type": "timeout", "message": "request timed out", "param": None}}, "error")
+                        yield sse(
+                            {"error": {"type": "timeout", "message": "request timed out", "param": None}}, "error"
+                        )
                         return
                     while not pieces.empty():
                         yield on_piece(pieces.get_nowait())
                     exc = fut.exception()
                     if exc is not None:
-                        yield sse({"error": {"type": "engine_error", "message": "generation failed", "param": None}}, "error")
+                        yield sse(
+                            {"error": {"type": "engine_error", "message": "generation failed", "param": None}}, "error"
+                        )
                         return
                     result = fut.result()
                     self._observe(t0, result)

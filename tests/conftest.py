@@ -47,3 +47,79 @@ def ci_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def ci_checkpoint(ci_run: dict[str, Path]) -> Path:
     return ci_run["out"]
+
+
+# ---- a real server on loopback --------------------------------------------
+
+API_KEYS = ("test-key-alpha", "test-key-beta")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str, proc: subprocess.Popen, log_path: Path) -> None:
+        self.base, self.proc, self.log_path = base, proc, log_path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def headers(self, key: str = API_KEYS[0]) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+
+def start_server(checkpoint: Path, log_path: Path, wait_ready: bool = True, **env: str) -> Server:
+    import time
+
+    import httpx
+
+    port = free_port()
+    full_env = {**os.environ, "MEDASK_MODEL_DIR": str(checkpoint), "MEDASK_PORT": str(port), **env}
+    log_fh = log_path.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=full_env, stdout=log_fh, stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            r = httpx.get(f"{base}/ready", timeout=2)
+            if r.status_code == 200 or (not wait_ready and r.status_code == 503):
+                return Server(base, proc, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return Server(base, proc, log_path)
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(ci_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    srv = start_server(
+        ci_checkpoint,
+        log_path,
+        MEDASK_API_KEYS=",".join(API_KEYS),
+        MEDASK_QUEUE_SIZE="32",
+        MEDASK_MAX_BATCH_SIZE="8",
+        MEDASK_BATCH_WAIT_MS="50",
+        MEDASK_MAX_BODY_BYTES="65536",
+    )
+    assert srv.proc.poll() is None, f"server died:\n{srv.log_text()[-3000:]}"
+    yield srv
+    stop_server(srv)

@@ -36,7 +36,10 @@ def _summary(svc: Serving, req: AskRequest, rid: str, result: GenerationResult, 
 @router.post(
     "/ask",
     response_model=AskResponse,
-    responses={**ERRORS, 200: {"description": "The answer; with stream=true, Server-Sent Events (token events, then a summary event)"}},
+    responses={
+        **ERRORS,
+        200: {"description": "The answer; with stream=true, Server-Sent Events (token events, then a summary event)"},
+    },
     summary="Answer a clinical question in a role",
 )
 async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
@@ -48,7 +51,9 @@ async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends
     rid = new_id("ask")
     if req.stream:
         return svc.stream(
-            request, prompt, params,
+            request,
+            prompt,
+            params,
             on_piece=lambda piece: sse({"text": piece}, "token"),
             on_done=lambda result: [sse(_summary(svc, req, rid, result, t0), "summary")],
         )

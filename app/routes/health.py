@@ -25,7 +25,11 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded", responses={503: {"description": "Not ready, with the reason"}})
+@router.get(
+    "/ready",
+    summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded",
+    responses={503: {"description": "Not ready, with the reason"}},
+)
 async def ready(svc: Annotated[Serving, Depends(serving)]) -> Any:
     if svc.ready:
         return {"status": "ready", "model": svc.model_name}
@@ -45,7 +49,10 @@ async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     engine, scheduler = svc.require_ready()
     out = engine.info()
     out["model"] = svc.model_name
-    if "default" in str(engine.manifest.get("recipe", {}).get("name", "")) or engine.manifest.get("recipe", {}).get("base", {}).get("path") is None:
+    if (
+        "default" in str(engine.manifest.get("recipe", {}).get("name", ""))
+        or engine.manifest.get("recipe", {}).get("base", {}).get("path") is None
+    ):
         out["about"] = ABOUT
     out["serving"] = {
         "batching": svc.settings.batching,

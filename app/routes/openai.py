@@ -62,8 +62,13 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     cid, created = new_id("chatcmpl"), int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": svc.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
 
     if req.stream:
         first = {"sent": False}
@@ -82,9 +87,18 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     result = await svc.generate(request, prompt, params)
     svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, answer=result.text)
     return {
-        "id": cid, "object": "chat.completion", "created": created, "model": svc.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text.strip()},
-                     "finish_reason": _finish(result), "logprobs": None}],
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": svc.model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text.strip()},
+                "finish_reason": _finish(result),
+                "logprobs": None,
+            }
+        ],
         "usage": openai_usage(result.prompt_tokens, len(result.token_ids)),
     }
 
@@ -93,7 +107,9 @@ def _finish(result: GenerationResult) -> str:
     return "stop" if result.finish_reason == "stop" else "length"
 
 
-def _logprobs_block(engine: Engine, echo: PromptLogprobs | None, result: GenerationResult | None, offset0: int) -> dict[str, Any]:
+def _logprobs_block(
+    engine: Engine, echo: PromptLogprobs | None, result: GenerationResult | None, offset0: int
+) -> dict[str, Any]:
     tokens: list[str] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -115,7 +131,9 @@ def _logprobs_block(engine: Engine, echo: PromptLogprobs | None, result: Generat
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-@router.post("/completions", responses=ERRORS, summary="OpenAI completions: raw text, echo + logprobs + max_tokens=0 for scoring")
+@router.post(
+    "/completions", responses=ERRORS, summary="OpenAI completions: raw text, echo + logprobs + max_tokens=0 for scoring"
+)
 async def completions(req: CompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -132,14 +150,32 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
     params = SamplingParams(max(req.max_tokens, 1), req.temperature, req.top_p, req.seed)
 
     if req.stream:
+
         def on_piece(piece: str) -> str:
-            return sse({"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
-                        "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]})
+            return sse(
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": svc.model_name,
+                    "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}],
+                }
+            )
 
         def on_done(result: GenerationResult) -> list[str]:
-            return [sse({"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
-                         "choices": [{"index": 0, "text": "", "finish_reason": _finish(result), "logprobs": None}],
-                         "usage": openai_usage(result.prompt_tokens, len(result.token_ids))}), "data: [DONE]\n\n"]
+            return [
+                sse(
+                    {
+                        "id": cid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": svc.model_name,
+                        "choices": [{"index": 0, "text": "", "finish_reason": _finish(result), "logprobs": None}],
+                        "usage": openai_usage(result.prompt_tokens, len(result.token_ids)),
+                    }
+                ),
+                "data: [DONE]\n\n",
+            ]
 
         return svc.stream(request, encoded[0], params, on_piece, on_done)
 
@@ -156,10 +192,17 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
         block = None
         if req.logprobs is not None:
             block = _logprobs_block(engine, echo_lp, result, len(text) if req.echo else 0)
-        choices.append({"index": i, "text": out_text, "logprobs": block,
-                        "finish_reason": _finish(result) if result else "length"})
+        choices.append(
+            {"index": i, "text": out_text, "logprobs": block, "finish_reason": _finish(result) if result else "length"}
+        )
         n_prompt += len(ids)
         n_completion += len(result.token_ids) if result else 0
     svc.note(request, n_prompt, n_completion)
-    return {"id": cid, "object": "text_completion", "created": created, "model": svc.model_name,
-            "choices": choices, "usage": openai_usage(n_prompt, n_completion)}
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": svc.model_name,
+        "choices": choices,
+        "usage": openai_usage(n_prompt, n_completion),
+    }

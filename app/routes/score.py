@@ -14,7 +14,9 @@ from app.serving import Serving
 router = APIRouter(tags=["scoring"])
 
 
-@router.post("/perplexity", response_model=PerplexityResponse, responses=ERRORS, summary="Perplexity of text or of an answer")
+@router.post(
+    "/perplexity", response_model=PerplexityResponse, responses=ERRORS, summary="Perplexity of text or of an answer"
+)
 async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
     items: list[tuple[str | None, str]] = []
