@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -181,7 +182,6 @@ def _deliver(work: _Work, result: Any = None, exc: BaseException | None = None) 
         else:
             work.future.set_result(result)
 
-    try:
+    # a closed loop (shutdown) means nobody is waiting
+    with contextlib.suppress(RuntimeError):
         work.loop.call_soon_threadsafe(_set)
-    except RuntimeError:  # the loop closed (shutdown): nobody is waiting
-        pass
