@@ -12,11 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main() -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from app.main import create_app
     from app.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = "MEDASK_" + "_".join(str(p) for p in err["loc"]).upper()
+            print(f"error: {field}: {err['msg']}", file=sys.stderr)
+        return 2
     if not settings.model_dir.exists():
         print(f"error: checkpoint folder {settings.model_dir} does not exist (set MEDASK_MODEL_DIR)", file=sys.stderr)
         return 3

@@ -156,6 +156,7 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
         if qcfg
         else {"method": None},
         "metrics": metrics["stages"],
+        "heldout_per_row": metrics["per_row"],
         "dpo": metrics.get("dpo"),
         "stage_seconds": {
             name: _stage_info(work, name).get("seconds") for name in ("base", "sft", "dpo", "gptq", "eval")

@@ -93,8 +93,17 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
             m["reward_rejected"] = _mean(rr)
         metrics[name] = m
 
+    final = stages[-1]
     result = {
         "eval_rows": len(rows),
+        # per-row log-likelihoods of the published model, so anyone can recheck a sample
+        "per_row": {
+            "stage": final,
+            "rows": {
+                r.id: {"sum_logprob": s.sum_logprob, "tokens": s.tokens, "bytes": s.bytes}
+                for r, s in zip(rows, chosen[final], strict=True)
+            },
+        },
         "heldout_rows_total": len(heldout_rows()),
         "stages": metrics,
         "dpo": _dpo_summary(work, metrics),
