@@ -7,12 +7,11 @@ grows: the likelihood-displacement failure of plain DPO with hard negatives.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from training.config import Recipe
 from training.data import train_rows
-from training.hf import common_args, load_model, load_tokenizer, resume_point, save_trained
+from training.hf import common_args, load_model, load_tokenizer, train_resumable
 from training.preferences import preference_pairs
 from training.stages import Stage, write_json
 
@@ -62,12 +61,5 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
     )
-    resume = resume_point(trainer_dir)
-    if resume:
-        print(f"[dpo] resuming from {Path(resume).name}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
-    save_trained(trainer, tokenizer, work)
-    shutil.rmtree(trainer_dir, ignore_errors=True)
-    return stage.finish(
-        {"rows": len(rows), "negatives": cfg.negatives, "steps": trainer.state.global_step, "losses": losses}
-    )
+    steps = train_resumable(trainer, tokenizer, work, "dpo")
+    return stage.finish({"rows": len(rows), "negatives": cfg.negatives, "steps": steps, "losses": losses})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,19 @@ def common_args(recipe: Recipe, output_dir: Path, save_steps: int) -> dict[str, 
     }
 
 
-def resume_point(output_dir: Path) -> str | None:
-    """The newest Trainer checkpoint under output_dir, to resume a killed run."""
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+def train_resumable(trainer: Any, tokenizer: Any, out: Path, name: str) -> int:
+    """Train (resuming from the newest Trainer checkpoint), save into ``out``, drop the checkpoints.
 
-
-def save_trained(trainer: Any, tokenizer: Any, out: Path) -> None:
-    """Final weights, tokenizer and the Trainer's log history into the stage folder."""
+    Returns the number of optimizer steps taken over the whole run.
+    """
+    trainer_dir = Path(trainer.args.output_dir)
+    ckpts = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    resume = str(ckpts[-1]) if ckpts else None
+    if resume:
+        print(f"[{name}] resuming from {ckpts[-1].name}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
     write_json(out / "train_log.json", trainer.state.log_history)
+    shutil.rmtree(trainer_dir, ignore_errors=True)
+    return int(trainer.state.global_step)

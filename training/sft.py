@@ -7,13 +7,12 @@ answer tokens only (TRL's completion_only_loss).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from app.prompting import render_prompt
 from training.config import Recipe
 from training.data import MedTextRow, role_for_case, train_rows
-from training.hf import common_args, load_model, load_tokenizer, resume_point, save_trained
+from training.hf import common_args, load_model, load_tokenizer, train_resumable
 from training.pipeline import model_dir
 from training.stages import Stage, write_json
 
@@ -61,10 +60,5 @@ def run_sft(stage: Stage, base_stage: Path, recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(sft_examples(tokenizer, rows)),
         processing_class=tokenizer,
     )
-    resume = resume_point(trainer_dir)
-    if resume:
-        print(f"[sft] resuming from {Path(resume).name}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
-    save_trained(trainer, tokenizer, work)
-    shutil.rmtree(trainer_dir, ignore_errors=True)
-    return stage.finish({"rows": len(rows), "steps": trainer.state.global_step})
+    steps = train_resumable(trainer, tokenizer, work, "sft")
+    return stage.finish({"rows": len(rows), "steps": steps})

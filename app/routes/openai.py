@@ -9,6 +9,7 @@ by app.prompting like /ask. Completions: raw text, no template; ``echo`` with
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Annotated, Any
@@ -179,15 +180,18 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
 
         return svc.stream(request, encoded[0], params, on_piece, on_done)
 
-    choices, n_prompt, n_completion = [], 0, 0
-    for i, (text, ids) in enumerate(zip(prompts, encoded, strict=True)):
+    async def one(text: str, ids: list[int]) -> tuple[PromptLogprobs | None, GenerationResult | None]:
         echo_lp = None
         if req.echo and req.logprobs is not None:
             top_k = req.logprobs
-            echo_lp = await svc.call(request, lambda e, t=text, k=top_k: e.prompt_logprobs(t, k))
-        result = None
-        if req.max_tokens > 0:
-            result = await svc.generate(request, ids, params)
+            echo_lp = await svc.call(request, lambda e: e.prompt_logprobs(text, top_k))
+        result = await svc.generate(request, ids, params) if req.max_tokens > 0 else None
+        return echo_lp, result
+
+    # a list of prompts is submitted at once, so the scheduler can batch them
+    outcomes = await asyncio.gather(*(one(t, ids) for t, ids in zip(prompts, encoded, strict=True)))
+    choices, n_prompt, n_completion = [], 0, 0
+    for i, (text, ids, (echo_lp, result)) in enumerate(zip(prompts, encoded, outcomes, strict=True)):
         out_text = (text if req.echo else "") + (result.text if result else "")
         block = None
         if req.logprobs is not None:
