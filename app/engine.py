@@ -191,12 +191,11 @@ class Engine:
                 out_lp[j].append(
                     float(chosen_logprobs(logits[r : r + 1], torch.tensor([token], device=logits.device))[0])
                 )
-                new_text = self.tokenizer.decode(out_ids[j], skip_special_tokens=True)
-                if job.on_text is not None and not new_text.endswith("\ufffd") and len(new_text) > len(texts[j]):
-                    job.on_text(new_text[len(texts[j]) :])
-                    texts[j] = new_text
-                elif job.on_text is None:
-                    texts[j] = new_text
+                if job.on_text is not None:  # detokenize per step only when someone is listening
+                    new_text = self.tokenizer.decode(out_ids[j], skip_special_tokens=True)
+                    if not new_text.endswith("\ufffd") and len(new_text) > len(texts[j]):
+                        job.on_text(new_text[len(texts[j]) :])
+                        texts[j] = new_text
                 if len(out_ids[j]) >= job.params.max_new_tokens:
                     finish[j] = "length"
                 elif job.cancelled.is_set():

@@ -123,3 +123,15 @@ def test_killed_run_resumes_and_publishes(ci_run: dict[str, Path], tmp_path: Pat
     assert "[sft] resuming from checkpoint-" in rerun.stdout
     assert verify_checkpoint(out) == []
     assert not list(out.parent.glob(".ckpt.tmp-*"))
+
+
+@pytest.mark.parametrize("name", ["ci", "default", "paper"])
+def test_shipped_recipes_validate(name: str) -> None:
+    recipe = load_recipe(ROOT / "training" / "recipes" / f"{name}.yaml")
+    assert recipe.name == name
+    if name == "paper":
+        assert recipe.dpo.negatives == "space" and recipe.dpo.lr == 5e-7
+        assert recipe.dpo.batch_size == 2 and recipe.dpo.epochs == 10 and recipe.dpo.optimizer.startswith("adamw")
+        assert recipe.quantize.bits == 4 and recipe.base.path
+    else:
+        assert recipe.dpo.negatives == "mismatched" and recipe.base.path is None

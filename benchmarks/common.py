@@ -1,0 +1,61 @@
+"""What every benchmark prints: the machine, the versions, the command."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("torch", "transformers", "gptqmodel", "optimum", "fastapi")},
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def report(title: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    """A Markdown table and the same numbers as JSON."""
+    info = machine()
+    print(f"## {title}\n")
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, device {info['device']}"
+    )
+    print(f"versions: {info['versions']}")
+    print(f"command: `{info['command']}`\n")
+    if rows:
+        cols = list(rows[0])
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    print("\n```json")
+    print(json.dumps({"title": title, "machine": info, "rows": rows, **(extra or {})}, indent=1))
+    print("```")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
