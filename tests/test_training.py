@@ -135,3 +135,24 @@ def test_shipped_recipes_validate(name: str) -> None:
         assert recipe.quantize.bits == 4 and recipe.base.path
     else:
         assert recipe.dpo.negatives == "mismatched" and recipe.base.path is None
+
+
+def test_negative_strategies(ci_run: dict[str, Path]) -> None:
+    """space and sampled negatives build real triples; mismatched picks another case's answer."""
+    from transformers import AutoModelForCausalLM
+
+    from training.data import train_rows
+    from training.hf import load_tokenizer
+    from training.preferences import preference_pairs
+
+    rows = train_rows(4)
+    tok = load_tokenizer(ci_run["work"] / "sft")
+    model = AutoModelForCausalLM.from_pretrained(ci_run["work"] / "sft")
+    space = preference_pairs(rows, tok, "space")
+    assert [p["rejected"] for p in space] == [" "] * 4
+    sampled = preference_pairs(rows, tok, "sampled", model=model, max_new_tokens=6, seed=3)
+    assert all(p["rejected"].strip() and p["rejected"] != p["chosen"] for p in sampled)
+    mismatched = preference_pairs(rows, tok, "mismatched")
+    golds = {r.completion for r in rows}
+    assert all(p["rejected"] in golds and p["rejected"] != p["chosen"] for p in mismatched)
+    assert all(p["prompt"].endswith("<|assistant|>\n") for p in mismatched)
