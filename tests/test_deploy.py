@@ -1,0 +1,82 @@
+"""Deployment files: valid, consistent with the app, and every metric they query is exported."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, Server
+
+DEPLOY = ROOT / "deploy"
+
+
+def _metric_names(expr: str) -> set[str]:
+    return {m for m in re.findall(r"\b(medask_[a-z_]+)", expr)}
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "medask.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def _alert_exprs() -> list[str]:
+    rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def test_every_queried_metric_is_exported(server: Server) -> None:
+    httpx.post(f"{server.base}/ask", json={"question": "Headache?", "max_new_tokens": 3}, headers=server.headers(), timeout=60)
+    live = httpx.get(f"{server.base}/metrics", headers=server.headers()).text
+    exported = set(re.findall(r"^(medask_[a-z_]+)", live, flags=re.M))
+    wanted = set().union(*(_metric_names(e) for e in _dashboard_exprs() + _alert_exprs()))
+    assert wanted, "no metric names found in the dashboard or alerts"
+    assert wanted <= exported, f"queried but not exported: {sorted(wanted - exported)}"
+
+
+def test_dashboard_covers_what_ops_asked_for() -> None:
+    titles = {p["title"] for p in json.loads((DEPLOY / "grafana" / "dashboards" / "medask.json").read_text())["panels"]}
+    for needed in ("Request rate by status", "Time to first token", "Tokens per second", "Queue", "Batch size", "Served-answer perplexity"):
+        assert needed in titles
+    text = " ".join(_dashboard_exprs())
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}" in text
+
+
+def test_postman_collection_lists_every_route() -> None:
+    col = json.loads((DEPLOY / "postman" / "medask.postman_collection.json").read_text())
+    assert col["info"]["schema"].endswith("v2.1.0/collection.json")
+    assert {v["key"] for v in col["variable"]} == {"baseUrl", "apiKey"}
+    paths = {"/" + "/".join(r["request"]["url"]["path"]) for group in col["item"] for r in group["item"]}
+    from app.main import create_app
+
+    routes = {r.path for r in create_app().routes if not r.path.startswith(("/docs", "/redoc", "/openapi"))}
+    assert routes <= paths, f"missing from Postman: {sorted(routes - paths)}"
+
+
+def test_compose_file_is_consistent() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"api", "lb", "prometheus", "grafana"} <= set(services)
+    assert "/ready" in " ".join(services["api"]["healthcheck"]["test"])
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), src
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    assert gpu["services"]["api"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs it)")
+def test_promtool_accepts_config_and_rules(tmp_path) -> None:
+    config = tmp_path / "prometheus.yml"
+    config.write_text((DEPLOY / "prometheus.yml").read_text().replace("/etc/prometheus/alerts.yml", str(DEPLOY / "alerts.yml")))
+    for args in (["check", "config", str(config)], ["check", "rules", str(DEPLOY / "alerts.yml")]):
+        proc = subprocess.run(["promtool", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
