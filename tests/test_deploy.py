@@ -31,7 +31,9 @@ def _alert_exprs() -> list[str]:
 
 
 def test_every_queried_metric_is_exported(server: Server) -> None:
-    httpx.post(f"{server.base}/ask", json={"question": "Headache?", "max_new_tokens": 3}, headers=server.headers(), timeout=60)
+    httpx.post(
+        f"{server.base}/ask", json={"question": "Headache?", "max_new_tokens": 3}, headers=server.headers(), timeout=60
+    )
     live = httpx.get(f"{server.base}/metrics", headers=server.headers()).text
     exported = set(re.findall(r"^(medask_[a-z_]+)", live, flags=re.M))
     wanted = set().union(*(_metric_names(e) for e in _dashboard_exprs() + _alert_exprs()))
@@ -41,7 +43,14 @@ def test_every_queried_metric_is_exported(server: Server) -> None:
 
 def test_dashboard_covers_what_ops_asked_for() -> None:
     titles = {p["title"] for p in json.loads((DEPLOY / "grafana" / "dashboards" / "medask.json").read_text())["panels"]}
-    for needed in ("Request rate by status", "Time to first token", "Tokens per second", "Queue", "Batch size", "Served-answer perplexity"):
+    for needed in (
+        "Request rate by status",
+        "Time to first token",
+        "Tokens per second",
+        "Queue",
+        "Batch size",
+        "Served-answer perplexity",
+    ):
         assert needed in titles
     text = " ".join(_dashboard_exprs())
     for q in ("0.5", "0.95", "0.99"):
@@ -76,7 +85,9 @@ def test_compose_file_is_consistent() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (.ci/run installs it)")
 def test_promtool_accepts_config_and_rules(tmp_path) -> None:
     config = tmp_path / "prometheus.yml"
-    config.write_text((DEPLOY / "prometheus.yml").read_text().replace("/etc/prometheus/alerts.yml", str(DEPLOY / "alerts.yml")))
+    config.write_text(
+        (DEPLOY / "prometheus.yml").read_text().replace("/etc/prometheus/alerts.yml", str(DEPLOY / "alerts.yml"))
+    )
     for args in (["check", "config", str(config)], ["check", "rules", str(DEPLOY / "alerts.yml")]):
         proc = subprocess.run(["promtool", *args], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -227,7 +227,9 @@ def _plots(work: Path, out: Path, metrics: dict[str, dict[str, Any]]) -> None:
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, float):
-        return "-" if math.isnan(x) else f"{x:.{digits}f}"
+        if math.isnan(x):
+            return "-"
+        return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
     return "-" if x is None else str(x)
 
 

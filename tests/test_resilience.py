@@ -1,0 +1,81 @@
+"""Overload and disconnects: bounded in count and time, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+
+import httpx
+
+from tests.conftest import Server
+
+
+def _gauges(server: Server) -> tuple[float, float]:
+    text = httpx.get(f"{server.base}/metrics", headers=server.headers()).text
+    running = float(re.search(r"^medask_num_requests_running (\S+)", text, re.M).group(1))
+    waiting = float(re.search(r"^medask_num_requests_waiting (\S+)", text, re.M).group(1))
+    return running, waiting
+
+
+def _wait_idle(server: Server, seconds: float = 30) -> tuple[float, float]:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        gauges = _gauges(server)
+        if gauges == (0.0, 0.0):
+            return gauges
+        time.sleep(0.2)
+    return _gauges(server)
+
+
+def test_overload_gives_200_or_429_and_recovers(server: Server) -> None:
+    async def storm() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(
+            base_url=server.base, headers=server.headers(), timeout=120, limits=limits
+        ) as client:
+            body = {"question": "Fever and cough for two days?", "max_new_tokens": 6}
+            return await asyncio.gather(*(client.post("/ask", json=body) for _ in range(200)))
+
+    responses = asyncio.run(storm())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, set(codes)
+    assert codes.count(429) > 0 and codes.count(200) >= 32
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["type"] == "queue_full"
+        else:
+            assert r.json()["usage"]["completion_tokens"] <= 6
+    assert httpx.get(f"{server.base}/ready").status_code == 200
+    assert _wait_idle(server) == (0.0, 0.0)
+
+
+def test_disconnected_clients_free_their_slots(server: Server) -> None:
+    long_ask = {"question": "Describe the management of diabetic ketoacidosis in detail.", "max_new_tokens": 400}
+    # drop while generating / queued: the client gives up long before 400 tokens are done
+    for _ in range(4):
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(f"{server.base}/ask", json=long_ask, headers=server.headers(), timeout=0.4)
+    # drop mid-stream after the first event
+    with httpx.stream(
+        "POST", f"{server.base}/ask", json={**long_ask, "stream": True}, headers=server.headers(), timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+    t0 = time.time()
+    assert _wait_idle(server) == (0.0, 0.0)
+    assert time.time() - t0 < 20
+    log = server.log_text()
+    assert '"status": 499' in log  # recorded as client-closed, not as a server error
+    assert "Traceback" not in log and '"unhandled"' not in log
+    assert (
+        httpx.post(
+            f"{server.base}/ask",
+            json={"question": "Still there?", "max_new_tokens": 3},
+            headers=server.headers(),
+            timeout=60,
+        ).status_code
+        == 200
+    )
