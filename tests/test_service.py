@@ -300,3 +300,24 @@ def test_logs_never_contain_patient_text(server: Server) -> None:
     log = server.log_text()
     assert '"route": "/ask"' in log  # the log is being written
     assert MARKER not in log
+
+
+def test_every_schema_route_needs_a_key(server: Server) -> None:
+    """Routes are found from the live OpenAPI schema, so a new route is covered without editing this test."""
+    schema = httpx.get(f"{server.base}/openapi.json").json()
+    checked = 0
+    for path, methods in schema["paths"].items():
+        for method in methods:
+            for headers in (
+                {},
+                {"Authorization": "Bearer not-a-key"},
+                {"Authorization": f"Basic {API_KEYS[0]}"},
+                {"Authorization": "Bearer"},
+            ):
+                r = httpx.request(method.upper(), f"{server.base}{path}", headers=headers, json={}, timeout=30)
+                if path in ("/health", "/ready"):
+                    assert r.status_code == 200, (method, path)
+                else:
+                    assert_error(r, 401)
+                    checked += 1
+    assert checked >= 4 * 10
