@@ -109,6 +109,8 @@ class Scheduler:
 
     def _collect(self, first: _Work) -> list[_Work]:
         batch = [first]
+        if first.kind == "call":
+            return batch
         deadline = time.perf_counter() + self.wait_s
         skipped: list[_Work] = []
         while len(batch) < self.max_batch:
@@ -118,7 +120,7 @@ class Scheduler:
             work = self._next(remaining)
             if work is None:
                 break
-            if work.kind == first.kind and first.kind != "call":
+            if work.kind == first.kind:
                 batch.append(work)
             else:
                 skipped.append(work)
@@ -151,8 +153,11 @@ class Scheduler:
                 self.metrics.waiting.set(self.waiting)
 
     def _drop_cancelled(self, work: _Work) -> bool:
-        if work.cancelled.is_set():
-            _deliver(work, exc=asyncio.CancelledError("client went away"))
+        if work.cancelled.is_set() or work.future.cancelled():
+            # cancel, not an exception: nobody awaits it any more, and a never
+            # retrieved exception would be logged as an error
+            with contextlib.suppress(RuntimeError):
+                work.loop.call_soon_threadsafe(work.future.cancel)
             return True
         return False
 

@@ -154,8 +154,10 @@ class Serving:
         except asyncio.CancelledError:
             raise ApiError(499, "client_closed_request", "client closed the request") from None
         finally:
-            if cancelled is not None and not fut.done():
-                cancelled.set()
+            if not fut.done():
+                if cancelled is not None:
+                    cancelled.set()
+                fut.cancel()
 
     def _schedule(self, submit: Callable[[], asyncio.Future]) -> asyncio.Future:
         try:
@@ -230,6 +232,8 @@ class Serving:
                     return
             finally:
                 job.cancelled.set()  # a no-op when finished; frees the slot when the client left
+                if not fut.done():
+                    fut.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
