@@ -1,0 +1,64 @@
+"""The engine's own decode loop: batching must not change what each request gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.engine import Engine, GenerationJob, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(ci_checkpoint: Path) -> Engine:
+    return Engine.load(ci_checkpoint)
+
+
+QUESTIONS = [
+    "A 45-year-old woman has fatigue and weight gain. What next?",
+    "Chest pain?",
+    "A child has a barking cough and stridor at night. What is the likely diagnosis and treatment?",
+]
+
+
+def test_batched_rows_match_solo_runs(engine: Engine) -> None:
+    """Left padding, per-row stop lengths and KV-cache pruning leave each row's greedy output unchanged."""
+    jobs = [
+        GenerationJob(engine.encode_question(q, "General Practitioner"), SamplingParams(max_new_tokens=n))
+        for q, n in zip(QUESTIONS, (3, 7, 12), strict=True)
+    ]
+    batched = engine.generate(jobs)
+    for job, got in zip(jobs, batched, strict=True):
+        solo = engine.generate([GenerationJob(job.prompt_ids, job.params)])[0]
+        assert got.token_ids == solo.token_ids
+        assert got.logprobs == pytest.approx(solo.logprobs, abs=2e-2)
+        assert len(got.token_ids) <= job.params.max_new_tokens
+
+
+def test_logprobs_are_the_model_scores_of_its_answer(engine: Engine) -> None:
+    """The perplexity /ask reports equals teacher-forced scoring of the same tokens afterwards."""
+    from app.scoring import score_encoded
+
+    job = GenerationJob(engine.encode_question(QUESTIONS[0], "Endocrinologist"), SamplingParams(max_new_tokens=10))
+    res = engine.generate([job])[0]
+    assert res.token_ids
+    rescored = score_encoded(engine.model, [(job.prompt_ids + res.token_ids, len(job.prompt_ids))], engine.pad_id)[0]
+    assert rescored == pytest.approx(res.logprobs, abs=2e-2)
+
+
+def test_sampling_is_seeded_per_row(engine: Engine) -> None:
+    ids = engine.encode_question(QUESTIONS[1], "Cardiologist")
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+    a = engine.generate([GenerationJob(ids, p), GenerationJob(ids, SamplingParams(max_new_tokens=8))])[0]
+    b = engine.generate([GenerationJob(ids, p)])[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_cancelled_rows_stop_early(engine: Engine) -> None:
+    ids = engine.encode_question(QUESTIONS[2], "Pediatrician")
+    job = GenerationJob(ids, SamplingParams(max_new_tokens=50))
+    job.cancelled.set()
+    other = GenerationJob(ids, SamplingParams(max_new_tokens=6))
+    res = engine.generate([job, other])
+    assert res[0].finish_reason == "cancelled" and len(res[0].token_ids) <= 1
+    assert len(res[1].token_ids) <= 6
