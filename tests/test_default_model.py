@@ -1,0 +1,55 @@
+"""The shipped embedded default model: intact, GPTQ 4-bit, and its numbers reproduce."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from safetensors import safe_open
+
+from app.manifest import read_manifest, verify_checkpoint
+from tests.conftest import ROOT
+
+DEFAULT = ROOT / "model_artifacts" / "default"
+
+
+def test_shipped_checkpoint_matches_its_manifest() -> None:
+    assert verify_checkpoint(DEFAULT) == []
+    size = sum(p.stat().st_size for p in DEFAULT.rglob("*") if p.is_file())
+    assert size <= 40 * 1024 * 1024, f"checkpoint is {size / 2**20:.1f} MB"
+
+
+def test_shipped_checkpoint_is_gptq_4bit() -> None:
+    q = json.loads((DEFAULT / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["bits"] == 4 and q["group_size"] == 128
+    with safe_open(DEFAULT / "model.safetensors", "pt") as f:
+        assert sum(k.endswith(".qweight") for k in f.keys()) > 0  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
+    """Recompute a sample of held-out rows and compare with the manifest's numbers for the same rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.prompting import render_prompt
+    from app.scoring import combine, score_texts
+    from training.data import heldout_rows, role_for_case
+
+    manifest = read_manifest(DEFAULT)
+    per_row = manifest["heldout_per_row"]["rows"]
+    rows = [r for r in heldout_rows() if r.id in per_row]
+    sample = random.Random(0).sample(rows, 24)
+    tok = AutoTokenizer.from_pretrained(DEFAULT)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT)
+    scores = score_texts(
+        model, tok, [(render_prompt(tok, r.prompt, role_for_case(r.prompt)), r.completion) for r in sample]
+    )
+    measured = combine(scores).bits_per_byte
+    recorded = -sum(per_row[r.id]["sum_logprob"] for r in sample) / (
+        sum(per_row[r.id]["bytes"] for r in sample) * math.log(2)
+    )
+    assert abs(measured - recorded) / recorded < 0.02, (measured, recorded)
+    # and the manifest's headline is the aggregate of the rows it lists
+    total = -sum(v["sum_logprob"] for v in per_row.values()) / (sum(v["bytes"] for v in per_row.values()) * math.log(2))
+    assert math.isclose(total, manifest["metrics"]["gptq"]["bits_per_byte"], rel_tol=1e-6)
