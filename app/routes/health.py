@@ -15,7 +15,7 @@ from app.serving import Serving
 router = APIRouter(tags=["operations"])
 
 ABOUT = (
-    "A small demonstration model trained here on 2 CPU cores from scratch: a few million parameters, "
+    "A small demonstration model trained here from scratch on 2 CPU cores ({params} parameters): "
     "NOT clinically useful. Build a real model from a local Llama-family base with the `paper` recipe on a GPU."
 )
 
@@ -49,11 +49,9 @@ async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     engine, scheduler = svc.require_ready()
     out = engine.info()
     out["model"] = svc.model_name
-    if (
-        "default" in str(engine.manifest.get("recipe", {}).get("name", ""))
-        or engine.manifest.get("recipe", {}).get("base", {}).get("path") is None
-    ):
-        out["about"] = ABOUT
+    if engine.manifest.get("recipe", {}).get("base", {}).get("path") is None:  # built from scratch here
+        params = engine.manifest.get("parameters")
+        out["about"] = ABOUT.format(params=f"{params / 1e6:.1f}M" if params else "a few million")
     out["serving"] = {
         "batching": svc.settings.batching,
         "max_batch_size": scheduler.max_batch,
