@@ -16,9 +16,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from app.manifest import MANIFEST, file_digests, read_manifest, verify_checkpoint
+from app.manifest import MANIFEST, file_digests, read_manifest, sha256_file, verify_checkpoint
 from training.config import Recipe
-from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH, file_sha256
+from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
 from training.pipeline import model_dir
 
 __all__ = ["PublishError", "check_destination", "publish", "verify_checkpoint"]
@@ -136,9 +136,9 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
         "parameters": _stage_info(work, "base").get("parameters"),
         "recipe": recipe.model_dump(mode="json"),
         "data": {
-            "medtext_sha256": file_sha256(MEDTEXT_PATH),
-            "medquad_sha256": file_sha256(MEDQUAD_PATH),
-            "split_sha256": file_sha256(SPLIT_PATH),
+            "medtext_sha256": sha256_file(MEDTEXT_PATH),
+            "medquad_sha256": sha256_file(MEDQUAD_PATH),
+            "split_sha256": sha256_file(SPLIT_PATH),
             "split_seed": split["seed"],
             "train_rows": split["train"] if recipe.data.train_rows is None else recipe.data.train_rows,
             "heldout_rows": split["heldout"],

@@ -41,15 +41,6 @@ def load_stage_model(folder: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _stage_scores(folder: Path, prompts_rows: list[tuple[str, str, str]], batch_size: int) -> dict[str, list[Score]]:
-    model, tokenizer = load_stage_model(folder)
-    prompts = [render_prompt(tokenizer, q, role) for q, role, _ in prompts_rows]
-    chosen = score_texts(
-        model, tokenizer, [(p, gold) for p, (_, _, gold) in zip(prompts, prompts_rows, strict=True)], batch_size
-    )
-    return {"model": model, "tokenizer": tokenizer, "prompts": prompts, "chosen": chosen}  # type: ignore[dict-item]
-
-
 def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     out = stage.begin()
     rows = heldout_rows(recipe.data.eval_rows)

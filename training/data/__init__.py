@@ -9,7 +9,6 @@ document that contains held-out text.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import random
 import re
@@ -17,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from app.manifest import sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent
 MEDTEXT_PATH = DATA_DIR / "medtext.jsonl"
@@ -70,7 +71,7 @@ def write_split(path: Path = SPLIT_PATH) -> dict:
     heldout = make_split(rows)
     record = {
         "dataset": "medtext.jsonl",
-        "dataset_sha256": file_sha256(MEDTEXT_PATH),
+        "dataset_sha256": sha256_file(MEDTEXT_PATH),
         "seed": SPLIT_SEED,
         "fraction": HELDOUT_FRACTION,
         "stratified_by": "kind (vignette / other)",
@@ -133,14 +134,6 @@ def medquad_texts(limit: int | None = None) -> list[str]:
 
 def medtext_train_texts(limit: int | None = None) -> list[str]:
     return [f"{r.prompt}\n{r.completion}" for r in train_rows(limit)]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # Keyword map from case text to the specialty that would take the case; the
