@@ -156,3 +156,17 @@ def test_negative_strategies(ci_run: dict[str, Path]) -> None:
     golds = {r.completion for r in rows}
     assert all(p["rejected"] in golds and p["rejected"] != p["chosen"] for p in mismatched)
     assert all(p["prompt"].endswith("<|assistant|>\n") for p in mismatched)
+
+
+def test_half_written_trainer_checkpoint_is_not_resumed_from(tmp_path: Path) -> None:
+    """A kill while the Trainer writes checkpoint-N leaves it without trainer_state.json (written last)."""
+    from training.hf import _checkpoint_complete
+
+    done, torn = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
+    done.mkdir()
+    (done / "trainer_state.json").write_text('{"global_step": 4}')
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    assert _checkpoint_complete(done) and not _checkpoint_complete(torn)
+    (torn / "trainer_state.json").write_text('{"global_st')  # cut mid-write
+    assert not _checkpoint_complete(torn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ def train_resumable(trainer: Any, tokenizer: Any, out: Path, name: str) -> int:
     """
     trainer_dir = Path(trainer.args.output_dir)
     ckpts = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [c for c in ckpts if _checkpoint_complete(c)]
+    for broken in set(ckpts) - set(complete):  # a kill while the Trainer was writing it
+        print(f"[{name}] discarding incomplete {broken.name}", flush=True)
+        shutil.rmtree(broken, ignore_errors=True)
+    ckpts = complete
     resume = str(ckpts[-1]) if ckpts else None
     if resume:
         print(f"[{name}] resuming from {ckpts[-1].name}", flush=True)
@@ -68,3 +74,12 @@ def train_resumable(trainer: Any, tokenizer: Any, out: Path, name: str) -> int:
     write_json(out / "train_log.json", trainer.state.log_history)
     shutil.rmtree(trainer_dir, ignore_errors=True)
     return int(trainer.state.global_step)
+
+
+def _checkpoint_complete(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so a readable one marks a finished checkpoint."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
