@@ -11,7 +11,9 @@ perplexity a clinician sees).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -279,14 +281,12 @@ class Engine:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int.from_bytes(__import__("os").urandom(4), "little"))
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     return gen
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_main_process_exits_nonzero_with_reason(ci_checkpoint: Path, tmp_path: P
     proc = subprocess.run(
         [sys.executable, "-m", "app"],
         cwd=ROOT,
-        env={**__import__("os").environ, **env},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -68,13 +69,13 @@ def test_main_process_exits_nonzero_with_reason(ci_checkpoint: Path, tmp_path: P
 
 
 def test_bad_setting_is_a_clear_error() -> None:
-    env = {**__import__("os").environ, "MEDASK_PORT": "0"}
+    env = {**os.environ, "MEDASK_PORT": "0"}
     proc = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "MEDASK_PORT" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_folder_exits_nonzero(tmp_path: Path) -> None:
-    env = {**__import__("os").environ, "MEDASK_MODEL_DIR": str(tmp_path / "nowhere")}
+    env = {**os.environ, "MEDASK_MODEL_DIR": str(tmp_path / "nowhere")}
     proc = subprocess.run([sys.executable, "-m", "app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and "does not exist" in proc.stderr
 
