@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine import CheckpointError
 from app.metrics import Metrics
+from app.openapi import install_openapi
 from app.routes import ask, health, openai, score
-from app.security import Gateway, configure_logging
+from app.security import Gateway, configure_logging, is_public
 from app.serving import ApiError, Serving
 from app.settings import Settings
 
@@ -103,7 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 415: "unsupported_media_type"}
-        return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None)
+        # keep the exception's headers: a 405 must say which methods are Allowed
+        return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None, exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -120,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
     app.add_middleware(Gateway, settings=settings, metrics=metrics)
+    install_openapi(app, lambda path: is_public(path, settings))
     return app
 
 

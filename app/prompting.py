@@ -55,6 +55,14 @@ CHAT_TEMPLATE = (
 MARKER_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A role is a title ("Paediatric Cardiologist"), never a sentence: letters,
+# digits, spaces and the punctuation titles use, at most six words.
+_ROLE_TITLE = re.compile(r"^[^\W_][\w .,'&()/+-]*$")
+MAX_ROLE_WORDS = 6
+# words that make a "role" an instruction to the model rather than a title
+_ROLE_INSTRUCTION = re.compile(
+    r"\b(ignor|disregard|forget|instruct|prompt|system|pretend|reveal|overrid|jailbreak)\w*", re.IGNORECASE
+)
 
 
 def system_instruction(role: str) -> str:
@@ -77,14 +85,26 @@ def role_problem(role: str) -> str | None:
         return f"role must be at most {MAX_ROLE_CHARS} characters"
     if _CONTROL.search(role):
         return "role must not contain control characters"
+    if not _ROLE_TITLE.match(role) or len(role.split()) > MAX_ROLE_WORDS:
+        return (
+            f"role must be a specialty or job title (e.g. 'Cardiologist'): letters, digits, spaces and "
+            f".,'&()/+- only, at most {MAX_ROLE_WORDS} words"
+        )
+    if _ROLE_INSTRUCTION.search(role):
+        return "role must be a specialty or job title, not an instruction to the model"
     return None
+
+
+def defuse_markers(text: str) -> str:
+    """User text cannot open a turn: "<|system|>" in a question stays plain text."""
+    return text.replace("<|", "< |")
 
 
 def build_messages(question: str, role: str = DEFAULT_ROLE) -> list[dict[str, str]]:
     """Chat messages for one clinical question answered in a role."""
     return [
         {"role": "system", "content": system_instruction(clean_role(role))},
-        {"role": "user", "content": question.strip()},
+        {"role": "user", "content": defuse_markers(question.strip())},
     ]
 
 

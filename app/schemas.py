@@ -24,8 +24,12 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
+# strict: a JSON 0 is not ``false`` and "5" is not 5; the schema says what is accepted
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
 
 class ErrorBody(BaseModel):
@@ -73,6 +77,7 @@ class AskRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -142,6 +147,7 @@ class PerplexityRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -188,7 +194,7 @@ class PerplexityResponse(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Literal["system", "user", "assistant"]
     content: str = Field(..., max_length=MAX_TEXT_CHARS)
     name: str | None = None
@@ -208,6 +214,7 @@ class ChatCompletionRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -238,6 +245,7 @@ class CompletionRequest(_Request):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"prompt": "Hypertension is", "max_tokens": 0, "echo": True, "logprobs": 1}]},
     )
 

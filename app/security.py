@@ -62,6 +62,15 @@ def configure_logging(level: str) -> None:
     root.propagate = True
 
 
+def is_public(path: str, settings: Settings) -> bool:
+    """Routes answered without an API key: the probes, the docs, and /metrics if configured so."""
+    if path in PROBES:
+        return True
+    if path == "/metrics":
+        return settings.metrics_public
+    return path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+
+
 def key_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
@@ -96,11 +105,7 @@ class Gateway:
         self.metrics = metrics
 
     def _public(self, path: str) -> bool:
-        if path in PROBES:
-            return True
-        if path == "/metrics":
-            return self.settings.metrics_public
-        return path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+        return is_public(path, self.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

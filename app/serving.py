@@ -190,6 +190,7 @@ class Serving:
         params: SamplingParams,
         on_piece: Callable[[str], str],
         on_done: Callable[[GenerationResult], list[str]],
+        audit: dict[str, str] | None = None,
     ) -> StreamingResponse:
         """Server-Sent Events: one event per piece of text, then the closing events."""
         t0 = time.perf_counter()
@@ -226,7 +227,7 @@ class Serving:
                         return
                     result = fut.result()
                     self._observe(t0, result)
-                    self.note(request, result.prompt_tokens, len(result.token_ids))
+                    self.note(request, result.prompt_tokens, len(result.token_ids), **(audit or {}), answer=result.text)
                     for event in on_done(result):
                         yield event
                     return

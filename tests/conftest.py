@@ -52,6 +52,8 @@ def ci_checkpoint(ci_run: dict[str, Path]) -> Path:
 # ---- a real server on loopback --------------------------------------------
 
 API_KEYS = ("test-key-alpha", "test-key-beta")
+# a string that only ever appears in request bodies: the log-hygiene tests look for it
+MARKER = "zebra-quokka-7731"
 
 
 def free_port() -> int:

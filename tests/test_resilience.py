@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.conftest import Server
+from tests.conftest import MARKER, Server
 
 
 def _gauges(server: Server) -> tuple[float, float]:
@@ -35,7 +35,7 @@ def test_overload_gives_200_or_429_and_recovers(server: Server) -> None:
         async with httpx.AsyncClient(
             base_url=server.base, headers=server.headers(), timeout=120, limits=limits
         ) as client:
-            body = {"question": "Fever and cough for two days?", "max_new_tokens": 6}
+            body = {"question": f"Fever and cough for two days ({MARKER})?", "max_new_tokens": 6}
             return await asyncio.gather(*(client.post("/ask", json=body) for _ in range(200)))
 
     responses = asyncio.run(storm())
@@ -52,7 +52,7 @@ def test_overload_gives_200_or_429_and_recovers(server: Server) -> None:
 
 
 def test_disconnected_clients_free_their_slots(server: Server) -> None:
-    long_ask = {"question": "Describe the management of diabetic ketoacidosis in detail.", "max_new_tokens": 400}
+    long_ask = {"question": f"Describe the management of {MARKER} ketoacidosis in detail.", "max_new_tokens": 400}
     # drop while generating / queued: the client gives up long before 400 tokens are done
     for _ in range(4):
         with contextlib.suppress(httpx.TimeoutException):

@@ -104,25 +104,56 @@ def test_publish_refuses_a_different_checkpoint(ci_run: dict[str, Path], tmp_pat
     assert verify_checkpoint(out) == []
 
 
-def test_killed_run_resumes_and_publishes(ci_run: dict[str, Path], tmp_path: Path) -> None:
-    """Kill the run inside SFT after its first Trainer checkpoint; the rerun resumes from it."""
+# stage killed -> (stages copied in first, what shows the stage is under way, what the rerun says)
+KILL_POINTS = {
+    "sft": (("base",), "sft.partial/trainer/checkpoint-*/trainer_state.json", "[sft] resuming from checkpoint-"),
+    "dpo": (("base", "sft"), "dpo.partial/trainer/checkpoint-*/trainer_state.json", "[dpo] resuming from checkpoint-"),
+    "gptq": (
+        ("base", "sft", "dpo"),
+        "gptq.partial/calibration_ids.json",
+        "[gptq] discarding an interrupted partial run",
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_killed_run_resumes_and_publishes(ci_run: dict[str, Path], tmp_path: Path, stage: str) -> None:
+    """SIGKILL the run inside a stage (after a Trainer checkpoint where there is one); the rerun
+    resumes, publishes a verified checkpoint and leaves no temporary folder."""
+    done, underway, resumed = KILL_POINTS[stage]
     work, out = tmp_path / "work", tmp_path / "ckpt"
     work.mkdir()
-    shutil.copytree(ci_run["work"] / "base", work / "base")  # start at SFT
+    for name in done:
+        shutil.copytree(ci_run["work"] / name, work / name)
     cmd = [sys.executable, "-m", "training", "run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(work)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((work / "sft.partial" / "trainer").glob("checkpoint-*")):
+    while not list(work.glob(underway)):
         assert proc.poll() is None, "run ended before it could be interrupted"
         assert time.time() < deadline
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not out.exists() and not (work / "sft").exists()
+    assert not out.exists() and not (work / stage).exists()
     rerun = run_training(*cmd[3:])
-    assert "[sft] resuming from checkpoint-" in rerun.stdout
+    assert resumed in rerun.stdout, rerun.stdout
     assert verify_checkpoint(out) == []
     assert not list(out.parent.glob(".ckpt.tmp-*"))
+
+
+@pytest.mark.parametrize("where", ["parent-is-a-file", "read-only-filesystem"])
+def test_unwritable_output_is_refused_before_training(tmp_path: Path, where: str) -> None:
+    if where == "parent-is-a-file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        out = blocker / "ckpt"
+    else:
+        out = Path("/proc/medask-ckpt")  # procfs refuses new entries, even to root
+    work = tmp_path / "work"
+    proc = run_training("run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(work), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is not writable" in proc.stderr and str(out) in proc.stderr
+    assert not work.exists()  # refused before any training started
 
 
 @pytest.mark.parametrize("name", ["ci", "default", "paper"])

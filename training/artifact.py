@@ -42,9 +42,15 @@ class PublishError(RuntimeError):
 def check_destination(out: Path, force: bool = False, fingerprint: str | None = None) -> None:
     """Refuse early: an unwritable parent, or a folder holding another checkpoint."""
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PublishError(f"cannot publish to {out}: {parent} is not writable")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        # a real write, not os.access: root passes every permission check, but
+        # not a read-only filesystem or a path through a file
+        probe = parent / f".medask-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PublishError(f"cannot publish to {out}: {parent} is not writable ({exc.strerror or exc})") from exc
     if out.exists() and any(out.iterdir()) and not force:
         if not (out / MANIFEST).is_file():
             raise PublishError(f"{out} exists and is not a MedAsk checkpoint; use --force to replace it")

@@ -61,6 +61,9 @@ class SFTConfig(_Section):
 
 class DPOConfig(_Section):
     negatives: Literal["space", "mismatched", "sampled"] = "mismatched"
+    # which other case's answer a mismatched pair rejects: the BM25-nearest
+    # case (hardest) or a seeded random one (another topic altogether)
+    mismatch: Literal["nearest", "shuffled"] = "nearest"
     beta: float = 0.1
     lr: float = 5e-5
     epochs: float = 1.0

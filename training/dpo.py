@@ -32,7 +32,9 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
 
         pairs = json.loads(pairs_path.read_text())
     else:
-        pairs = preference_pairs(rows, tokenizer, cfg.negatives, model, cfg.sample_max_new_tokens, recipe.seed)
+        pairs = preference_pairs(
+            rows, tokenizer, cfg.negatives, model, cfg.sample_max_new_tokens, recipe.seed, cfg.mismatch
+        )
         write_json(pairs_path, pairs)
 
     losses, weights = ["sigmoid"], [1.0]
@@ -62,4 +64,6 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
         processing_class=tokenizer,
     )
     steps = train_resumable(trainer, tokenizer, work, "dpo")
-    return stage.finish({"rows": len(rows), "negatives": cfg.negatives, "steps": steps, "losses": losses})
+    return stage.finish(
+        {"rows": len(rows), "negatives": cfg.negatives, "mismatch": cfg.mismatch, "steps": steps, "losses": losses}
+    )

@@ -42,7 +42,7 @@ def load_stage_model(folder: Path) -> tuple[Any, Any]:
 
 
 def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
-    out = stage.begin()
+    out = stage.begin_fresh()
     rows = heldout_rows(recipe.data.eval_rows)
     negatives = mismatched_negatives(rows)
     triples = [(r.prompt, role_for_case(r.prompt), r.completion) for r in rows]

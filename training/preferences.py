@@ -5,6 +5,8 @@
 - ``mismatched``: the gold answer of the most similar *different* case (BM25
   over the prompts). A hard negative: fluent, clinical, on a neighbouring
   topic, and wrong for this patient.
+  With ``dpo.mismatch: shuffled`` the other case is drawn at random (a seeded
+  derangement): still fluent and clinical, but usually another topic.
 - ``sampled``: the SFT model's own answer, sampled. The model learns to prefer
   the reference answer over what it currently says.
 """
@@ -45,6 +47,29 @@ def mismatched_negatives(rows: Sequence[MedTextRow]) -> list[str]:
     return negatives
 
 
+def shuffled_negatives(rows: Sequence[MedTextRow], seed: int) -> list[str]:
+    """For each row, the completion of a different row picked by a seeded derangement."""
+    import random
+
+    if len({r.completion for r in rows}) < 2:
+        raise ValueError("mismatched negatives need at least two distinct answers")
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    while True:
+        rng.shuffle(order)
+        if all(rows[i].completion != rows[j].completion for i, j in enumerate(order)):
+            return [rows[j].completion for j in order]
+
+
+def mismatched(rows: Sequence[MedTextRow], mismatch: str, seed: int) -> list[str]:
+    """The mismatched negatives of ``dpo.mismatch`` kind (``nearest`` or ``shuffled``)."""
+    if mismatch == "nearest":
+        return mismatched_negatives(rows)
+    if mismatch == "shuffled":
+        return shuffled_negatives(rows, seed)
+    raise ValueError(f"unknown mismatch {mismatch!r}")
+
+
 @torch.inference_mode()
 def sampled_negatives(
     model: Any, tokenizer: Any, rows: Sequence[MedTextRow], max_new_tokens: int, seed: int, batch_size: int = 8
@@ -78,12 +103,13 @@ def preference_pairs(
     model: Any = None,
     max_new_tokens: int = 128,
     seed: int = 0,
+    mismatch: str = "nearest",
 ) -> list[dict[str, str]]:
     """DPO triples (prompt, chosen, rejected); the prompt is the served role prompt."""
     if strategy == "space":
         rejected = [" "] * len(rows)
     elif strategy == "mismatched":
-        rejected = mismatched_negatives(rows)
+        rejected = mismatched(rows, mismatch, seed)
     elif strategy == "sampled":
         if model is None:
             raise ValueError("sampled negatives need the SFT model")

@@ -44,7 +44,7 @@ def run_quantize(stage: Stage, dpo_stage: Path, recipe: Recipe) -> Path:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     cfg = recipe.quantize
-    work = stage.begin()
+    work = stage.begin_fresh()
     tokenizer = load_tokenizer(dpo_stage)
     texts = calibration_texts(tokenizer, cfg.calibration_rows, recipe.data.train_rows)
     write_json(

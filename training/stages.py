@@ -35,6 +35,16 @@ class Stage:
         self.partial.mkdir(parents=True, exist_ok=True)
         return self.partial
 
+    def begin_fresh(self) -> Path:
+        """For stages that cannot resume mid-way: drop what an interrupted run left, keep the key."""
+        if self.partial.exists():
+            leftovers = [p for p in self.partial.iterdir() if p.name != "STAGE_KEY"]
+            if leftovers:
+                print(f"[{self.name}] discarding an interrupted partial run", flush=True)
+            for p in leftovers:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return self.begin()
+
     def finish(self, info: dict[str, Any] | None = None) -> Path:
         """Mark the partial folder complete and move it into place atomically."""
         (self.partial / "STAGE_DONE.json").write_text(json.dumps(info or {}, indent=1, default=str))

@@ -15,6 +15,8 @@ ERRORS = {
     503: {"description": "Model not loaded yet"},
     504: {"description": "Request timed out"},
 }
+# the 200 of a route that streams when asked: JSON, or Server-Sent Events
+STREAMED = {"content": {"text/event-stream": {}}}
 
 
 def serving(request: Request) -> Serving:

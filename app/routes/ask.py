@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from app.engine import GenerationResult, SamplingParams
-from app.routes import ERRORS, serving
+from app.routes import ERRORS, STREAMED, serving
 from app.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
 from app.serving import Serving, new_id, sse
 
@@ -38,7 +38,10 @@ def _summary(svc: Serving, req: AskRequest, rid: str, result: GenerationResult, 
     response_model=AskResponse,
     responses={
         **ERRORS,
-        200: {"description": "The answer; with stream=true, Server-Sent Events (token events, then a summary event)"},
+        200: {
+            "description": "The answer; with stream=true, Server-Sent Events (token events, then a summary event)",
+            **STREAMED,
+        },
     },
     summary="Answer a clinical question in a role",
 )
@@ -56,9 +59,12 @@ async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends
             params,
             on_piece=lambda piece: sse({"text": piece}, "token"),
             on_done=lambda result: [sse(_summary(svc, req, rid, result, t0), "summary")],
+            audit={"question": req.question, "role": req.role},
         )
     result = await svc.generate(request, prompt, params)
-    svc.note(request, result.prompt_tokens, len(result.token_ids), question=req.question, answer=result.text)
+    svc.note(
+        request, result.prompt_tokens, len(result.token_ids), question=req.question, role=req.role, answer=result.text
+    )
     return _summary(svc, req, rid, result, t0)
 
 

@@ -62,6 +62,11 @@ async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     return out
 
 
-@router.get("/metrics", summary="Prometheus metrics (medask_ prefix)", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (medask_ prefix)",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
 async def metrics(svc: Annotated[Serving, Depends(serving)]) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE)

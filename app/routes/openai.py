@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 
 from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
 from app.prompting import DEFAULT_ROLE, role_problem
-from app.routes import ERRORS, serving
+from app.routes import ERRORS, STREAMED, serving
 from app.schemas import ChatCompletionRequest, CompletionRequest, openai_usage
 from app.serving import ApiError, Serving, new_id, sse
 
@@ -42,7 +42,9 @@ async def models(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": 0, "owned_by": "medask"}]}
 
 
-@router.post("/chat/completions", responses=ERRORS, summary="OpenAI chat completions (system message = role)")
+@router.post(
+    "/chat/completions", responses={**ERRORS, 200: STREAMED}, summary="OpenAI chat completions (system message = role)"
+)
 async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
     system = next((m.content for m in req.messages if m.role == "system"), None)
@@ -84,9 +86,9 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
             final["usage"] = openai_usage(result.prompt_tokens, len(result.token_ids))
             return [sse(final), "data: [DONE]\n\n"]
 
-        return svc.stream(request, prompt, params, on_piece, on_done)
+        return svc.stream(request, prompt, params, on_piece, on_done, audit={"question": question, "role": role})
     result = await svc.generate(request, prompt, params)
-    svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, answer=result.text)
+    svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, role=role, answer=result.text)
     return {
         "id": cid,
         "object": "chat.completion",
@@ -133,7 +135,9 @@ def _logprobs_block(
 
 
 @router.post(
-    "/completions", responses=ERRORS, summary="OpenAI completions: raw text, echo + logprobs + max_tokens=0 for scoring"
+    "/completions",
+    responses={**ERRORS, 200: STREAMED},
+    summary="OpenAI completions: raw text, echo + logprobs + max_tokens=0 for scoring",
 )
 async def completions(req: CompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()

@@ -1,0 +1,57 @@
+"""What one decode batch can do on this machine: the engine alone (no HTTP, no
+queue) decoding B held-out questions together, for B = 1, 4, 8, 16, 32.
+
+    python benchmarks/batch_ceiling.py [--model model_artifacts/default] [--tokens 64] [--sizes 1 4 8 16 32]
+
+Generated tokens/s per batch size and its ratio to B=1: the most any batching
+scheduler could get out of this model and these cores. It is the ceiling for
+serve_load.py's "concurrency 16 vs the one-at-a-time baseline" ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    from app.engine import Engine, GenerationJob, SamplingParams
+    from benchmarks.common import report
+    from training.data import heldout_rows, role_for_case
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="model_artifacts/default")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    engine = Engine.load(Path(args.model))
+    rows_ = heldout_rows()
+    prompts = [engine.encode_question(r.prompt, role_for_case(r.prompt)) for r in rows_]
+    engine.generate([GenerationJob(prompts[0], SamplingParams(8))])
+    rows = []
+    for size in args.sizes:
+        best = 0.0
+        for rep in range(args.repeats):
+            jobs = [
+                GenerationJob(prompts[(rep * size + i) % len(prompts)], SamplingParams(max_new_tokens=args.tokens))
+                for i in range(size)
+            ]
+            t0 = time.perf_counter()
+            results = engine.generate(jobs)
+            dt = time.perf_counter() - t0
+            best = max(best, sum(len(r.token_ids) for r in results) / dt)
+        rows.append({"batch": size, "tok_s": best})
+    for r in rows:
+        r["ratio_vs_batch_1"] = r["tok_s"] / rows[0]["tok_s"]
+    report(f"decode ceiling by batch size ({args.tokens} new tokens, greedy, engine only)", rows)
+
+
+if __name__ == "__main__":
+    main()
