@@ -103,6 +103,11 @@ class Engine:
             k: qdict.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act") if k in qdict
         }
         self.kernel = _kernel_name(model)
+        # rows can join a running batch only when every layer's KV cache simply grows
+        types = getattr(config, "layer_types", None) or ["full_attention"]
+        self.continuous_batching: bool = getattr(config, "sliding_window", None) is None and all(
+            t == "full_attention" for t in types
+        )
 
     # ---- loading -------------------------------------------------------
     @classmethod
@@ -155,80 +160,140 @@ class Engine:
 
     # ---- generation ----------------------------------------------------
     @torch.inference_mode()
-    def generate(self, jobs: Sequence[GenerationJob]) -> list[GenerationResult]:
-        """Decode a batch together; each row has its own settings and stop time."""
-        n = len(jobs)
+    def generate(
+        self,
+        jobs: Sequence[GenerationJob],
+        admit: Callable[[int], Sequence[GenerationJob]] | None = None,
+        on_finish: Callable[[GenerationJob, GenerationResult], None] | None = None,
+        max_rows: int | None = None,
+    ) -> list[GenerationResult]:
+        """Decode a batch together; each row has its own settings and stop time.
+
+        Continuous batching: between decode steps ``admit(room)`` may hand over
+        new jobs (at most ``room``, keeping at most ``max_rows`` rows); they are
+        prefilled and join the running batch, so a request never waits for a
+        whole batch to finish. ``on_finish`` hears of each row the moment it
+        ends. Returns the results of ``jobs`` (admitted jobs only reach
+        ``on_finish``).
+        """
+        if admit is not None and not self.continuous_batching:
+            admit = None
+        limit = max_rows or len(jobs)
+        results: dict[int, GenerationResult] = {}
+
+        def finish(row: _Row) -> None:
+            result = self._result(row)
+            results[id(row.job)] = result
+            if on_finish is not None:
+                on_finish(row.job, result)
+
+        active: list[_Row] = []
+        cache: Any = None
+        mask = torch.zeros((0, 0), dtype=torch.long)
+        tokens: list[int] = []
+        pending = list(jobs)
+        while True:
+            if pending:  # prefill newcomers, sample their first token, merge them in
+                rows = [_Row(job, _generator(job.params.seed)) for job in pending]
+                new_cache, new_mask, logits = self._prefill(pending)
+                new_tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
+                alive = [i for i, row in enumerate(rows) if row.finish is None]
+                for row in rows:
+                    if row.finish is not None:
+                        finish(row)
+                if alive:
+                    new_cache, new_mask = self._select(new_cache, new_mask, alive)
+                    if active:
+                        cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    else:
+                        cache, mask = new_cache, new_mask
+                    active += [rows[i] for i in alive]
+                    tokens += [new_tokens[i] for i in alive]
+                pending = []
+            if not active:
+                break
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            out = self.model(
+                input_ids=torch.tensor(tokens, device=mask.device).unsqueeze(1),
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            tokens = [self._step(row, logits[r]) for r, row in enumerate(active)]
+            keep = [r for r, row in enumerate(active) if row.finish is None]
+            for row in active:
+                if row.finish is not None:
+                    finish(row)
+            if len(keep) < len(active):
+                if keep:
+                    cache, mask = self._select(cache, mask, keep)
+                active = [active[r] for r in keep]
+                tokens = [tokens[r] for r in keep]
+            if admit is not None and len(active) < limit:
+                pending = list(admit(limit - len(active)))
+            if not active and not pending:
+                break
+        return [results[id(job)] for job in jobs]
+
+    def _prefill(self, jobs: Sequence[GenerationJob]) -> tuple[Any, torch.Tensor, torch.Tensor]:
         dev = self.model.device
         width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, job in enumerate(jobs):  # left padding: every row's last token is at -1
             ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
             mask[i, width - len(job.prompt_ids) :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
-        gens = [_generator(j.params.seed) for j in jobs]
-        out_ids: list[list[int]] = [[] for _ in jobs]
-        out_lp: list[list[float]] = [[] for _ in jobs]
-        texts = [""] * n
-        finish: list[str | None] = [None] * n
-        first_at: list[float | None] = [None] * n
-        active = list(range(n))  # row r of the live batch is job active[r]
-
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
-        while True:
-            next_tokens = []
-            for r, j in enumerate(active):
-                job = jobs[j]
-                token = _sample(logits[r], job.params, gens[j])
-                next_tokens.append(token)
-                if first_at[j] is None:
-                    first_at[j] = time.perf_counter()
-                if token == self.eos_id:
-                    finish[j] = "stop"
-                    continue
-                out_ids[j].append(token)
-                out_lp[j].append(
-                    float(chosen_logprobs(logits[r : r + 1], torch.tensor([token], device=logits.device))[0])
-                )
-                if job.on_text is not None:  # detokenize per step only when someone is listening
-                    new_text = self.tokenizer.decode(out_ids[j], skip_special_tokens=True)
-                    if not new_text.endswith("\ufffd") and len(new_text) > len(texts[j]):
-                        job.on_text(new_text[len(texts[j]) :])
-                        texts[j] = new_text
-                if len(out_ids[j]) >= job.params.max_new_tokens:
-                    finish[j] = "length"
-                elif job.cancelled.is_set():
-                    finish[j] = "cancelled"
-            keep = [r for r, j in enumerate(active) if finish[j] is None]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
-                mask = mask[idx]
-                next_tokens = [next_tokens[r] for r in keep]
-                active = [active[r] for r in keep]
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=dev)], dim=1)
-            step_ids = torch.tensor(next_tokens, device=dev).unsqueeze(1)
-            positions = mask.sum(-1, keepdim=True) - 1
-            out = self.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
+        return out.past_key_values, mask, out.logits[:, -1, :]
 
-        results = []
-        for j, job in enumerate(jobs):
-            text = self.tokenizer.decode(out_ids[j], skip_special_tokens=True)
-            if job.on_text is not None and len(text) > len(texts[j]):
-                job.on_text(text[len(texts[j]) :])  # flush a trailing partial character
-            results.append(
-                GenerationResult(text, out_ids[j], out_lp[j], finish[j] or "length", len(job.prompt_ids), first_at[j])
-            )
-        return results
+    @staticmethod
+    def _select(cache: Any, mask: torch.Tensor, rows: list[int]) -> tuple[Any, torch.Tensor]:
+        """Keep only ``rows`` in the KV cache, then drop padding columns no row needs any more."""
+        idx = torch.tensor(rows, device=mask.device)
+        cache.batch_select_indices(idx)
+        mask = mask[idx]
+        used = torch.nonzero(mask.sum(0) > 0)
+        start = int(used[0]) if len(used) else 0
+        if start > 0:
+            for layer in cache.layers:
+                layer.keys = layer.keys[..., start:, :]
+                layer.values = layer.values[..., start:, :]
+            mask = mask[:, start:]
+        return cache, mask
+
+    def _step(self, row: _Row, logits: torch.Tensor) -> int:
+        """Sample one token for a row, record it, and decide whether the row is done."""
+        job = row.job
+        token = _sample(logits, job.params, row.gen)
+        if row.first_at is None:
+            row.first_at = time.perf_counter()
+        if token == self.eos_id:
+            row.finish = "stop"
+            return token
+        row.ids.append(token)
+        row.lps.append(float(chosen_logprobs(logits.unsqueeze(0), torch.tensor([token], device=logits.device))[0]))
+        if job.on_text is not None:  # detokenize per step only when someone is listening
+            new_text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            if not new_text.endswith("\ufffd") and len(new_text) > len(row.text):
+                job.on_text(new_text[len(row.text) :])
+                row.text = new_text
+        if len(row.ids) >= job.params.max_new_tokens:
+            row.finish = "length"
+        elif job.cancelled.is_set():
+            row.finish = "cancelled"
+        return token
+
+    def _result(self, row: _Row) -> GenerationResult:
+        job = row.job
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        if job.on_text is not None and len(text) > len(row.text):
+            job.on_text(text[len(row.text) :])  # flush a trailing partial character
+        return GenerationResult(text, row.ids, row.lps, row.finish or "length", len(job.prompt_ids), row.first_at)
 
     # ---- scoring -------------------------------------------------------
     def score(self, items: Sequence[tuple[str | None, str]], batch_size: int = 16) -> list[Score]:
@@ -278,6 +343,39 @@ class Engine:
             "libraries": m.get("libraries"),
             "load_seconds": round(self.load_seconds, 3),
         }
+
+
+@dataclass
+class _Row:
+    """One request's decoding state while it is in the batch."""
+
+    job: GenerationJob
+    gen: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    lps: list[float] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    first_at: float | None = None
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad dimension -2 (KV) or -1 (mask) on the left up to ``width``."""
+    if x.dim() == 2:
+        return torch.nn.functional.pad(x, (width - x.shape[-1], 0))
+    return torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))
+
+
+def _merge(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Append new rows to a running batch: left-pad both to one width, stack on the batch axis.
+
+    Positions come from the mask and RoPE is already applied to cached keys, so
+    padding on the left changes nothing for either side.
+    """
+    width = max(mask.shape[1], new_mask.shape[1])
+    for old, new in zip(cache.layers, new_cache.layers, strict=True):
+        old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+        old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+    return cache, torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)], dim=0)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -60,7 +60,9 @@ class Scheduler:
         self._backlog: collections.deque[_Work] = collections.deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="medask-engine", daemon=True)
+        self.continuous = batching and engine.continuous_batching
         self.batches = 0  # model batches run, for tests and /info
+        self.admitted = 0  # requests that joined a batch already running
         self.running = 0
 
     def start(self) -> None:
@@ -166,7 +168,7 @@ class Scheduler:
         self.batches += 1
         self.metrics.batch_size.observe(len(batch))
         if kind == "generate":
-            return self.engine.generate([w.payload for w in batch])
+            return self._generate(batch)
         if kind == "score":
             flat = [item for w in batch for item in w.payload]
             scores = self.engine.score(flat)
@@ -176,6 +178,54 @@ class Scheduler:
                 i += len(w.payload)
             return out
         return [w.payload(self.engine) for w in batch]
+
+    def _generate(self, batch: list[_Work]) -> list[Any]:
+        """Decode ``batch``, admitting queued generations into it as rows finish.
+
+        Each request is answered the moment its row ends. Admission stops at
+        the first queued non-generation job, so scoring and calls are never
+        starved by a stream of generations: the batch drains and they run.
+        """
+        works = {id(w.payload): w for w in batch}
+
+        def admit(room: int) -> list[GenerationJob]:
+            new: list[GenerationJob] = []
+            while len(new) < room:
+                work = self._next(None)
+                if work is None:
+                    break
+                if work.kind != "generate":
+                    self._backlog.appendleft(work)
+                    break
+                if self._drop_cancelled(work):
+                    continue
+                works[id(work.payload)] = work
+                new.append(work.payload)
+            if new:
+                self.admitted += len(new)
+                self.running += len(new)
+                self.metrics.running.set(self.running)
+                self.metrics.waiting.set(self.waiting)
+            return new
+
+        def finished(job: GenerationJob, result: GenerationResult) -> None:
+            _deliver(works.pop(id(job)), result=result)
+            self.running -= 1
+            self.metrics.running.set(self.running)
+
+        try:
+            self.engine.generate(
+                [w.payload for w in batch],
+                admit=admit if self.continuous else None,
+                on_finish=finished,
+                max_rows=self.max_batch,
+            )
+        except Exception as exc:
+            for work in works.values():  # admitted jobs are not in ``batch``: tell them too
+                _deliver(work, exc=exc)
+            raise
+        # every row was answered by ``finished``; the caller's second delivery is a no-op
+        return [None] * len(batch)
 
 
 def _deliver(work: _Work, result: Any = None, exc: BaseException | None = None) -> None:

@@ -62,3 +62,30 @@ def test_cancelled_rows_stop_early(engine: Engine) -> None:
     res = engine.generate([job, other])
     assert res[0].finish_reason == "cancelled" and len(res[0].token_ids) <= 1
     assert len(res[1].token_ids) <= 6
+
+
+def test_rows_admitted_mid_batch_match_solo_runs(engine: Engine) -> None:
+    """Continuous batching: jobs that join a running batch get what they would get alone."""
+    first = GenerationJob(engine.encode_question(QUESTIONS[2], "Pediatrician"), SamplingParams(max_new_tokens=24))
+    late = [
+        GenerationJob(engine.encode_question(QUESTIONS[1], "Cardiologist"), SamplingParams(max_new_tokens=9)),
+        GenerationJob(engine.encode_question(QUESTIONS[0], "Endocrinologist"), SamplingParams(max_new_tokens=12)),
+    ]
+    calls = {"admit": 0}
+    finished: dict[int, object] = {}
+
+    def admit(room: int) -> list[GenerationJob]:
+        calls["admit"] += 1
+        assert room >= 1
+        return {2: late[:1], 5: late[1:]}.get(calls["admit"], [])
+
+    results = engine.generate(
+        [first], admit=admit, on_finish=lambda job, res: finished.__setitem__(id(job), res), max_rows=4
+    )
+    assert engine.continuous_batching and calls["admit"] >= 5
+    assert results[0] is finished[id(first)] and len(finished) == 3
+    for job in [first, *late]:
+        solo = engine.generate([GenerationJob(job.prompt_ids, job.params)])[0]
+        got = finished[id(job)]
+        assert got.token_ids == solo.token_ids
+        assert got.logprobs == pytest.approx(solo.logprobs, abs=2e-2)

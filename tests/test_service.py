@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -267,6 +268,30 @@ def test_concurrent_requests_share_batches(server: Server) -> None:
     after = httpx.get(f"{server.base}/info", headers=server.headers()).json()["serving"]["batches_run"]
     assert statuses == [200] * 8
     assert after - before < 8, f"8 requests took {after - before} model batches"
+
+
+def test_late_requests_join_the_running_batch(server: Server) -> None:
+    """A request arriving while a long generation runs is admitted into it, and answered before it ends."""
+    info = lambda: httpx.get(f"{server.base}/info", headers=server.headers()).json()["serving"]  # noqa: E731
+    before = info()
+    assert before["continuous_batching"] is True
+    long_body = {"question": "Describe heart failure management.", "max_new_tokens": 400, "temperature": 1.0, "seed": 3}
+    with cf.ThreadPoolExecutor(4) as pool:
+        long = pool.submit(post, server, "/ask", long_body)
+        deadline = time.time() + 30
+        while (
+            "medask_num_requests_running 1.0" not in httpx.get(f"{server.base}/metrics", headers=server.headers()).text
+        ):
+            assert time.time() < deadline and not long.done()
+            time.sleep(0.02)
+        short = [pool.submit(post, server, "/ask", {"question": f"Case {i}?", "max_new_tokens": 4}) for i in range(3)]
+        short_done = [f.result() for f in short]
+        long_running = not long.done()
+        assert long.result().status_code == 200
+    assert [r.status_code for r in short_done] == [200] * 3
+    after = info()
+    assert after["admitted_into_running_batches"] > before["admitted_into_running_batches"]
+    assert long_running or long.result().json()["finish_reason"] == "stop"
 
 
 def test_openai_sdk_chat_and_completions(server: Server) -> None:

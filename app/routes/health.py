@@ -56,7 +56,9 @@ async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
         "batching": svc.settings.batching,
         "max_batch_size": scheduler.max_batch,
         "queue_size": svc.settings.queue_size,
+        "continuous_batching": scheduler.continuous,
         "batches_run": scheduler.batches,
+        "admitted_into_running_batches": scheduler.admitted,
         "python": platform.python_version(),
     }
     return out
