@@ -53,3 +53,13 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     # and the manifest's headline is the aggregate of the rows it lists
     total = -sum(v["sum_logprob"] for v in per_row.values()) / (sum(v["bytes"] for v in per_row.values()) * math.log(2))
     assert math.isclose(total, manifest["metrics"]["gptq"]["bits_per_byte"], rel_tol=1e-6)
+
+
+def test_shipped_model_meets_its_quality_goals() -> None:
+    """The goals the default model was built to (issue: the embedded default), read from its own manifest."""
+    m = json.loads((DEFAULT / "manifest.json").read_text())["metrics"]
+    assert m["sft"]["bits_per_byte"] < 0.9 * m["base"]["bits_per_byte"]  # SFT clearly improves on base
+    assert m["dpo"]["reward_accuracy"] >= 0.6  # held-out, mismatched pairs of the kind DPO trained on
+    assert m["dpo"]["reward_accuracy_nearest"] > 0.55  # and the hardest kind too
+    assert m["dpo"]["perplexity"] <= 1.05 * m["sft"]["perplexity"]
+    assert m["gptq"]["bits_per_byte"] <= 1.03 * m["dpo"]["bits_per_byte"]

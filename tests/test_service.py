@@ -136,43 +136,40 @@ def test_context_overflow_is_a_clear_400(server: Server) -> None:
     assert_error(post(server, "/ask", {"question": long_q, "max_new_tokens": 64}), 400, "max_new_tokens")
 
 
-def test_malformed_bodies(server: Server) -> None:
-    h = {**server.headers(), "content-type": "application/json"}
-    assert_error(httpx.post(f"{server.base}/ask", content=b"{not json", headers=h), 400)
-    assert_error(httpx.post(f"{server.base}/ask", content=b"\xff\xfe\xfa", headers=h), 400)
-    assert_error(
-        httpx.post(f"{server.base}/ask", content=b'{"question": "a", "temperature": NaN}', headers=h),
-        422,
-        "temperature",
-    )
-    assert_error(
-        httpx.post(
-            f"{server.base}/ask",
-            content=b"question=hi",
-            headers={**server.headers(), "content-type": "application/x-www-form-urlencoded"},
-        ),
-        422,
-    )
-    for number in (b"Infinity", b"-Infinity", b"1e999"):
-        body = b'{"question": "a", "temperature": ' + number + b"}"
-        assert_error(httpx.post(f"{server.base}/ask", content=body, headers=h), 422, "temperature")
-    assert_error(httpx.post(f"{server.base}/ask", content=b'{"question": "\xff\xfe bad utf-8"}', headers=h), 400)
-    assert_error(
-        httpx.post(
-            f"{server.base}/ask",
-            content=b'{"question": "hi"}',
-            headers={**server.headers(), "content-type": "text/plain"},
-        ),
-        422,
-    )
-    assert_error(httpx.post(f"{server.base}/ask", content=b"", headers=h), 422)
-    assert_error(httpx.post(f"{server.base}/ask", content=b"[" * 5000 + b"]" * 5000, headers=h), 400)
-    nested = b'{"question": "a", "role": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}"
-    assert_error(httpx.post(f"{server.base}/ask", content=nested, headers=h), 400)
-    assert_error(httpx.post(f"{server.base}/ask", content=b"x" * (1 << 20), headers=h), 413)
-    assert_error(httpx.post(f"{server.base}/ask", content=b" " * 70000, headers=h), 413)
+JSON = "application/json"
+NESTED = b'{"question": "a", "role": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b"}"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "param"),
+    [
+        (b"{not json", JSON, 400, None),
+        (b"\xff\xfe\xfa", JSON, 400, None),
+        (b'{"question": "\xff\xfe bad utf-8"}', JSON, 400, None),
+        (b'{"question": "a", "temperature": NaN}', JSON, 422, "temperature"),
+        (b'{"question": "a", "temperature": Infinity}', JSON, 422, "temperature"),
+        (b'{"question": "a", "temperature": -Infinity}', JSON, 422, "temperature"),
+        (b'{"question": "a", "temperature": 1e999}', JSON, 422, "temperature"),
+        (b"question=hi", "application/x-www-form-urlencoded", 422, None),
+        (b'{"question": "hi"}', "text/plain", 422, None),
+        (b"", JSON, 422, None),
+        (b"[" * 5000 + b"]" * 5000, JSON, 400, None),
+        (NESTED, JSON, 400, None),
+        (b" " * 70000, JSON, 413, None),
+        (b"x" * (1 << 20), JSON, 413, None),
+    ],
+    ids=lambda v: repr(v[:20]) if isinstance(v, bytes) else str(v),
+)
+def test_malformed_bodies(server: Server, content: bytes, content_type: str, status: int, param: str | None) -> None:
+    headers = {**server.headers(), "content-type": content_type}
+    assert_error(httpx.post(f"{server.base}/ask", content=content, headers=headers), status, param)
+
+
+def test_unknown_routes_and_methods(server: Server) -> None:
     assert_error(httpx.get(f"{server.base}/nope", headers=server.headers()), 404)
-    assert_error(httpx.get(f"{server.base}/ask", headers=server.headers()), 405)
+    r = httpx.get(f"{server.base}/ask", headers=server.headers())
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
 
 
 def test_perplexity_single_and_batch(server: Server) -> None:

@@ -187,6 +187,13 @@ def test_negative_strategies(ci_run: dict[str, Path]) -> None:
     golds = {r.completion for r in rows}
     assert all(p["rejected"] in golds and p["rejected"] != p["chosen"] for p in mismatched)
     assert all(p["prompt"].endswith("<|assistant|>\n") for p in mismatched)
+    rows = train_rows(40)
+    shuffled = preference_pairs(rows, tok, "mismatched", seed=5, mismatch="shuffled")
+    assert shuffled == preference_pairs(rows, tok, "mismatched", seed=5, mismatch="shuffled")  # seeded
+    assert all(p["rejected"] != p["chosen"] for p in shuffled)
+    assert sorted(p["rejected"] for p in shuffled) == sorted(r.completion for r in rows)  # a derangement
+    nearest = preference_pairs(rows, tok, "mismatched", mismatch="nearest")
+    assert [p["rejected"] for p in shuffled] != [p["rejected"] for p in nearest]
 
 
 def test_half_written_trainer_checkpoint_is_not_resumed_from(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from app.scoring import Score, combine, score_texts
 from training.config import Recipe
 from training.data import heldout_rows, role_for_case
 from training.pipeline import model_dir
-from training.preferences import mismatched_negatives
+from training.preferences import mismatched_negatives, shuffled_negatives
 from training.stages import Stage, write_json
 
 EVAL_STAGES = ("base", "sft", "dpo", "gptq")
@@ -44,14 +44,16 @@ def load_stage_model(folder: Path) -> tuple[Any, Any]:
 def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     out = stage.begin_fresh()
     rows = heldout_rows(recipe.data.eval_rows)
-    negatives = mismatched_negatives(rows)
+    # both kinds of mismatched pair, whichever the recipe trained on: the nearest
+    # case's answer (hard) and a random other case's (another topic)
+    negatives = {"nearest": mismatched_negatives(rows), "shuffled": shuffled_negatives(rows, recipe.seed)}
     triples = [(r.prompt, role_for_case(r.prompt), r.completion) for r in rows]
     write_json(out / "medtext_ids.json", [r.id for r in rows])
     bs = recipe.evaluate.batch_size
     beta = recipe.dpo.beta
 
     chosen: dict[str, list[Score]] = {}
-    rejected: dict[str, list[Score]] = {}
+    rejected: dict[str, dict[str, list[Score]]] = {kind: {} for kind in negatives}
     stages = [s for s in EVAL_STAGES if (work / s).is_dir()]
     samples: list[dict[str, str]] = []
     for name in stages:
@@ -59,7 +61,8 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
         model, tokenizer = load_stage_model(folder)
         prompts = [render_prompt(tokenizer, q, role) for q, role, _ in triples]
         chosen[name] = score_texts(model, tokenizer, [(p, t[2]) for p, t in zip(prompts, triples, strict=True)], bs)
-        rejected[name] = score_texts(model, tokenizer, list(zip(prompts, negatives, strict=True)), bs)
+        for kind, texts in negatives.items():
+            rejected[kind][name] = score_texts(model, tokenizer, list(zip(prompts, texts, strict=True)), bs)
         if name == stages[-1]:
             samples = _generate_samples(model, tokenizer, rows, prompts, recipe)
         print(f"[eval] {name}: bits/byte {combine(chosen[name]).bits_per_byte:.4f}")
@@ -70,18 +73,23 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
         total = combine(chosen[name])
         m: dict[str, Any] = total.metrics()
         m["mean_answer_logprob"] = sum(s.sum_logprob for s in chosen[name]) / len(rows)
-        m["pref_accuracy_per_token"] = _mean(
-            c.mean_logprob > r.mean_logprob for c, r in zip(chosen[name], rejected[name], strict=True)
-        )
+        for kind in negatives:
+            m[f"pref_accuracy_per_token_{kind}"] = _mean(
+                c.mean_logprob > r.mean_logprob for c, r in zip(chosen[name], rejected[kind][name], strict=True)
+            )
         if name in ("dpo", "gptq") and "sft" in chosen:
             rc = [beta * (c.sum_logprob - ref.sum_logprob) for c, ref in zip(chosen[name], chosen["sft"], strict=True)]
-            rr = [
-                beta * (r.sum_logprob - ref.sum_logprob) for r, ref in zip(rejected[name], rejected["sft"], strict=True)
-            ]
-            m["reward_accuracy"] = _mean(a > b for a, b in zip(rc, rr, strict=True))
-            m["reward_margin"] = _mean(a - b for a, b in zip(rc, rr, strict=True))
             m["reward_chosen"] = _mean(rc)
-            m["reward_rejected"] = _mean(rr)
+            for kind in negatives:
+                rr = [
+                    beta * (r.sum_logprob - ref.sum_logprob)
+                    for r, ref in zip(rejected[kind][name], rejected[kind]["sft"], strict=True)
+                ]
+                m[f"reward_accuracy_{kind}"] = _mean(a > b for a, b in zip(rc, rr, strict=True))
+                m[f"reward_margin_{kind}"] = _mean(a - b for a, b in zip(rc, rr, strict=True))
+            # the headline: pairs of the kind DPO trained on
+            m["reward_accuracy"] = m[f"reward_accuracy_{recipe.dpo.mismatch}"]
+            m["reward_margin"] = m[f"reward_margin_{recipe.dpo.mismatch}"]
         metrics[name] = m
 
     final = stages[-1]
@@ -239,14 +247,15 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
         "",
         "## Held-out metrics by stage",
         "",
-        "| stage | token ppl | word ppl | bits/byte | answer tokens | pref. acc. (per-token logp) | DPO reward acc. | DPO reward margin |",
+        "| stage | token ppl | word ppl | bits/byte | answer tokens | DPO reward acc. (shuffled pairs) "
+        "| DPO reward acc. (nearest pairs) | pref. acc. per token (shuffled / nearest) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in stages.items():
         lines.append(
             f"| {name} | {_fmt(m['perplexity'])} | {_fmt(m['word_perplexity'])} | {_fmt(m['bits_per_byte'], 4)} | "
-            f"{m['tokens']} | {_fmt(m['pref_accuracy_per_token'])} | {_fmt(m.get('reward_accuracy'))} | "
-            f"{_fmt(m.get('reward_margin'))} |"
+            f"{m['tokens']} | {_fmt(m.get('reward_accuracy_shuffled'))} | {_fmt(m.get('reward_accuracy_nearest'))} | "
+            f"{_fmt(m.get('pref_accuracy_per_token_shuffled'))} / {_fmt(m.get('pref_accuracy_per_token_nearest'))} |"
         )
     lines += [
         "| paper (Freitas Filho et al.) | 1.98 (DPO+GPTQ) vs 12.5 (baseline) | - | - | - | - | - | - |",
@@ -257,10 +266,13 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
         "and come with word perplexity and bits per byte, which do not depend on the tokenizer; a token "
         "perplexity from another tokenizer cannot be set beside them.",
         "",
-        "DPO reward accuracy: the fraction of held-out pairs (gold answer vs the gold answer of the most "
-        "similar other held-out case) where the implicit reward beta*(log pi - log pi_SFT) of the gold "
-        f"answer is higher; beta = {recipe.dpo.beta}. Preference accuracy compares mean per-token log-probs "
-        "of the two answers under the stage's own model (no reference).",
+        "DPO reward accuracy: the fraction of held-out pairs where the implicit reward "
+        f"beta*(log pi - log pi_SFT) of the gold answer beats the rejected one's (beta = {recipe.dpo.beta}). "
+        "Two kinds of mismatched pair: *shuffled* (another held-out case's gold answer, drawn at random: "
+        "fluent, clinical, usually another topic) and *nearest* (the gold answer of the most similar other "
+        "held-out case by BM25: the hardest negative). This model's DPO trained on "
+        f"`{recipe.dpo.negatives}` negatives of kind `{recipe.dpo.mismatch}`. Preference accuracy per token "
+        "compares mean per-token log-probs of the two answers under the stage's own model (no reference).",
         "",
         "## DPO: what happened to the chosen answers' likelihood",
         "",
@@ -268,7 +280,7 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
     dpo = result["dpo"]
     if dpo.get("steps"):
         lines += [
-            f"Negatives: `{recipe.dpo.negatives}`; RPO NLL weight (`rpo_alpha`): {recipe.dpo.rpo_alpha}. "
+            f"Negatives: `{recipe.dpo.negatives}` (`{recipe.dpo.mismatch}`); RPO NLL weight (`rpo_alpha`): {recipe.dpo.rpo_alpha}. "
             f"Over {dpo['steps']} steps, train-batch logps/chosen went from {_fmt(dpo['logps/chosen first'], 1)} "
             f"to {_fmt(dpo['logps/chosen last'], 1)}, logps/rejected from {_fmt(dpo['logps/rejected first'], 1)} "
             f"to {_fmt(dpo['logps/rejected last'], 1)}, and the reward margin from "
