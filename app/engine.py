@@ -73,6 +73,15 @@ class PromptLogprobs:
     top: list[dict[str, float] | None]
 
 
+def resolve_dtype(wanted: str, device: str) -> str:
+    """Activation dtype. ``auto``: the checkpoint's own (fp16 for GPTQ, the paper's setting) on a GPU;
+    float32 on a CPU, where fp16 arithmetic is emulated: 1.46x the tokens/s at batch 16 here
+    (benchmarks/batch_ceiling.py --dtype). 4-bit GPTQ weights stay 4-bit either way."""
+    if wanted != "auto":
+        return wanted
+    return "float32" if device == "cpu" else "auto"
+
+
 def pick_device(wanted: str) -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,7 +147,7 @@ class Engine:
             raise CheckpointError(f"tokenizer in {folder} has no chat template")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        kwargs: dict[str, Any] = {"dtype": dtype if dtype != "auto" else "auto"}
+        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev)}
         if dev == "cuda":
             kwargs["device_map"] = "cuda"
         try:
@@ -196,7 +205,7 @@ class Engine:
             if pending:  # prefill newcomers, sample their first token, merge them in
                 rows = [_Row(job, _generator(job.params.seed)) for job in pending]
                 new_cache, new_mask, logits = self._prefill(pending)
-                new_tokens = [self._step(row, logits[i]) for i, row in enumerate(rows)]
+                new_tokens = self._step_all(rows, logits)
                 alive = [i for i, row in enumerate(rows) if row.finish is None]
                 for row in rows:
                     if row.finish is not None:
@@ -222,7 +231,7 @@ class Engine:
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
-            tokens = [self._step(row, logits[r]) for r, row in enumerate(active)]
+            tokens = self._step_all(active, logits)
             keep = [r for r, row in enumerate(active) if row.finish is None]
             for row in active:
                 if row.finish is not None:
@@ -266,17 +275,24 @@ class Engine:
             mask = mask[:, start:]
         return cache, mask
 
-    def _step(self, row: _Row, logits: torch.Tensor) -> int:
-        """Sample one token for a row, record it, and decide whether the row is done."""
+    def _step_all(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
+        """Sample each row's next token (its own settings), then score them all at once."""
+        tokens = [_sample(logits[r], row.job.params, row.gen) for r, row in enumerate(rows)]
+        lps = chosen_logprobs(logits, torch.tensor(tokens, device=logits.device)).tolist()
+        for row, token, lp in zip(rows, tokens, lps, strict=True):
+            self._record(row, token, lp)
+        return tokens
+
+    def _record(self, row: _Row, token: int, logprob: float) -> None:
+        """Record a row's new token and decide whether the row is done."""
         job = row.job
-        token = _sample(logits, job.params, row.gen)
         if row.first_at is None:
             row.first_at = time.perf_counter()
         if token == self.eos_id:
             row.finish = "stop"
-            return token
+            return
         row.ids.append(token)
-        row.lps.append(float(chosen_logprobs(logits.unsqueeze(0), torch.tensor([token], device=logits.device))[0]))
+        row.lps.append(logprob)
         if job.on_text is not None:  # detokenize per step only when someone is listening
             new_text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
             if not new_text.endswith("\ufffd") and len(new_text) > len(row.text):
@@ -286,7 +302,6 @@ class Engine:
             row.finish = "length"
         elif job.cancelled.is_set():
             row.finish = "cancelled"
-        return token
 
     def _result(self, row: _Row) -> GenerationResult:
         job = row.job

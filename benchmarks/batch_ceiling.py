@@ -2,6 +2,7 @@
 queue) decoding B held-out questions together, for B = 1, 4, 8, 16, 32.
 
     python benchmarks/batch_ceiling.py [--model model_artifacts/default] [--tokens 64] [--sizes 1 4 8 16 32]
+                                       [--dtype auto float16 ...]
 
 Generated tokens/s per batch size and its ratio to B=1: the most any batching
 scheduler could get out of this model and these cores. It is the ceiling for
@@ -15,23 +16,36 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from app.engine import Engine, GenerationJob, SamplingParams
+    from app.engine import Engine
     from benchmarks.common import report
-    from training.data import heldout_rows, role_for_case
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", nargs="+", default=["auto"], help="activation dtypes to compare, e.g. float16 float32")
     args = p.parse_args()
-    engine = Engine.load(Path(args.model))
+    rows = []
+    for dtype in args.dtype:
+        rows += _measure(Engine.load(Path(args.model), dtype=dtype), args)
+    report(f"decode ceiling by batch size ({args.tokens} new tokens, greedy, engine only)", rows)
+
+
+def _measure(engine: Engine, args: argparse.Namespace) -> list[dict]:
+    from app.engine import GenerationJob, SamplingParams
+    from training.data import heldout_rows, role_for_case
+
     rows_ = heldout_rows()
     prompts = [engine.encode_question(r.prompt, role_for_case(r.prompt)) for r in rows_]
     engine.generate([GenerationJob(prompts[0], SamplingParams(8))])
@@ -47,10 +61,10 @@ def main() -> None:
             results = engine.generate(jobs)
             dt = time.perf_counter() - t0
             best = max(best, sum(len(r.token_ids) for r in results) / dt)
-        rows.append({"batch": size, "tok_s": best})
+        rows.append({"dtype": engine.info()["dtype"], "batch": size, "tok_s": best})
     for r in rows:
         r["ratio_vs_batch_1"] = r["tok_s"] / rows[0]["tok_s"]
-    report(f"decode ceiling by batch size ({args.tokens} new tokens, greedy, engine only)", rows)
+    return rows
 
 
 if __name__ == "__main__":

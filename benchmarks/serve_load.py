@@ -64,7 +64,9 @@ def start_medask(model: str, batching: bool, log: Path) -> Target:
     t = Target(name, f"http://127.0.0.1:{port}", "", proc)
     _wait(t, "/ready")
     if t.error is None:
-        t.model = httpx.get(f"{t.base}/v1/models").json()["data"][0]["id"]
+        keys = env.get("MEDASK_API_KEYS", "")
+        auth = {"Authorization": f"Bearer {keys.split(',')[0]}"} if keys else {}
+        t.model = httpx.get(f"{t.base}/v1/models", headers=auth).json()["data"][0]["id"]
     return t
 
 

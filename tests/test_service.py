@@ -346,6 +346,7 @@ def test_logs_never_contain_patient_text(server: Server) -> None:
     log = server.log_text()
     assert '"route": "/ask"' in log  # the log is being written
     assert MARKER not in log
+    assert not any(key in log for key in API_KEYS)
 
 
 def test_audit_option_logs_digests_only(ci_checkpoint, tmp_path) -> None:
