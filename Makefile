@@ -29,8 +29,8 @@ test: install  ## the whole test suite (what CI runs)
 	$(PY) -m pytest
 
 lint: install
-	$(PY) -m ruff check app training tests
-	$(PY) -m ruff format --check app training tests
+	$(PY) -m ruff check app training tests benchmarks
+	$(PY) -m ruff format --check app training tests benchmarks
 
 model: install  ## rebuild the embedded default model (resumable)
 	$(PY) -m training run --recipe training/recipes/default.yaml --out model_artifacts/default
