@@ -403,10 +403,16 @@ def _generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+# below this, sampling is argmax in all but name, and dividing by it overflows float32
+MIN_TEMPERATURE = 1e-4
+
+
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    if params.temperature <= 0:
+    if params.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # logits themselves not finite: the limit is argmax
+        return int(torch.argmax(logits))
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         cum = sorted_p.cumsum(-1)

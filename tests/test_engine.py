@@ -89,3 +89,12 @@ def test_rows_admitted_mid_batch_match_solo_runs(engine: Engine) -> None:
         got = finished[id(job)]
         assert got.token_ids == solo.token_ids
         assert got.logprobs == pytest.approx(solo.logprobs, abs=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [1e-120, 1e-6, 5e-5])
+def test_tiny_temperatures_decode_greedily(engine: Engine, temperature: float) -> None:
+    """Found by fuzzing: logits / 1e-120 overflowed to inf and sampling raised (a 500)."""
+    ids = engine.encode_question(QUESTIONS[1], "Cardiologist")
+    greedy = engine.generate([GenerationJob(ids, SamplingParams(max_new_tokens=6))])[0]
+    tiny = engine.generate([GenerationJob(ids, SamplingParams(max_new_tokens=6, temperature=temperature, seed=1))])[0]
+    assert tiny.token_ids == greedy.token_ids

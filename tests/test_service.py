@@ -74,6 +74,11 @@ def test_ask_is_deterministic_when_greedy(server: Server) -> None:
     assert post(server, "/ask", seeded).json()["answer"] == post(server, "/ask", seeded).json()["answer"]
 
 
+def test_tiny_temperature_is_not_a_server_error(server: Server) -> None:
+    r = post(server, "/ask", {"question": "Chest pain?", "temperature": 1.8e-120, "max_new_tokens": 3})
+    assert r.status_code == 200, r.text
+
+
 def test_ask_streams_tokens_then_summary(server: Server) -> None:
     events = []
     with httpx.stream(
