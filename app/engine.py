@@ -30,6 +30,10 @@ from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
 log = logging.getLogger("medask.engine")
 
 
+# (context, target, encode_for_scoring(context, target)): encoded once, where the length is checked
+ScoreItem = tuple[str | None, str, tuple[list[int], int]]
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint cannot be served; the message says exactly why."""
 
@@ -75,7 +79,7 @@ class PromptLogprobs:
 
 def resolve_dtype(wanted: str, device: str) -> str:
     """Activation dtype. ``auto``: the checkpoint's own (fp16 for GPTQ, the paper's setting) on a GPU;
-    float32 on a CPU, where fp16 arithmetic is emulated: 1.46x the tokens/s at batch 16 here
+    float32 on a CPU, where fp16 arithmetic is emulated: 1.57x the tokens/s at batch 16 here
     (benchmarks/batch_ceiling.py --dtype). 4-bit GPTQ weights stay 4-bit either way."""
     if wanted != "auto":
         return wanted
@@ -311,9 +315,10 @@ class Engine:
         return GenerationResult(text, row.ids, row.lps, row.finish or "length", len(job.prompt_ids), row.first_at)
 
     # ---- scoring -------------------------------------------------------
-    def score(self, items: Sequence[tuple[str | None, str]], batch_size: int = 16) -> list[Score]:
+    def score(self, items: Sequence[ScoreItem], batch_size: int = 16) -> list[Score]:
         """log p(target | context) per item: the same math as the evaluation report."""
-        return score_texts(self.model, self.tokenizer, items, batch_size)
+        pairs = [(context, target) for context, target, _ in items]
+        return score_texts(self.model, self.tokenizer, pairs, batch_size, [enc for _, _, enc in items])
 
     @torch.inference_mode()
     def prompt_logprobs(self, text: str, top_k: int) -> PromptLogprobs:

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.schemas import ErrorResponse
+from app.security import PROBES
 
 _REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _JSON_ERROR = {"application/json": {"schema": _REF}}
@@ -48,7 +49,7 @@ def install_openapi(app: FastAPI, public: Callable[[str], bool]) -> None:
                 if not public(path):
                     op["security"] = [{"bearerAuth": []}]
                     extra.update(_SECURED)
-                if path not in ("/health", "/ready", "/metrics"):
+                if path not in (*PROBES, "/metrics"):
                     extra.update(_NEEDS_MODEL)
                 for status, description in extra.items():
                     responses.setdefault(status, {"description": description})

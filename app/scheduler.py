@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engine import Engine, GenerationJob, GenerationResult
+from app.engine import Engine, GenerationJob, GenerationResult, ScoreItem
 from app.metrics import Metrics
 from app.scoring import Score
 
@@ -93,7 +93,7 @@ class Scheduler:
     def generate(self, job: GenerationJob) -> asyncio.Future[GenerationResult]:
         return self._submit("generate", job, job.cancelled).future
 
-    def score(self, items: list[tuple[str | None, str]]) -> asyncio.Future[list[Score]]:
+    def score(self, items: list[ScoreItem]) -> asyncio.Future[list[Score]]:
         return self._submit("score", items).future
 
     def call(self, fn: Callable[[Engine], Any]) -> asyncio.Future[Any]:

@@ -157,12 +157,17 @@ def score_texts(
     tokenizer: object,
     items: Sequence[tuple[str | None, str]],
     batch_size: int = 8,
+    encoded: Sequence[tuple[list[int], int]] | None = None,
 ) -> list[Score]:
-    """Score each (context, target): log-likelihood of target given context."""
+    """Score each (context, target): log-likelihood of target given context.
+
+    ``encoded`` is ``encode_for_scoring`` of each item when the caller already has it.
+    """
     pad_id = tokenizer.pad_token_id  # type: ignore[attr-defined]
     if pad_id is None:
         pad_id = tokenizer.eos_token_id  # type: ignore[attr-defined]
-    encoded = [encode_for_scoring(tokenizer, ctx, tgt) for ctx, tgt in items]
+    if encoded is None:
+        encoded = [encode_for_scoring(tokenizer, ctx, tgt) for ctx, tgt in items]
     # sort by length so padded batches waste little compute
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
     results: list[Score | None] = [None] * len(items)

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from app.engine import CheckpointError, Engine, GenerationJob, GenerationResult, SamplingParams
+from app.engine import CheckpointError, Engine, GenerationJob, GenerationResult, SamplingParams, ScoreItem
 from app.metrics import Metrics
 from app.scheduler import QueueFull, Scheduler
 from app.security import text_digest
@@ -239,7 +239,7 @@ class Serving:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ---- scoring ------------------------------------------------------------------
-    async def score(self, request: Request, items: list[tuple[str | None, str]]) -> list:
+    async def score(self, request: Request, items: list[ScoreItem]) -> list:
         _, scheduler = self.require_ready()
         fut = self._schedule(lambda: scheduler.score(items))
         return await self._await(fut, request, None)

@@ -35,15 +35,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def heldout_scores(folder: Path) -> dict[str, float]:
-    from app.prompting import render_prompt
-    from app.scoring import combine, score_texts
-    from training.data import heldout_rows, role_for_case
-    from training.evaluate import load_stage_model
+    from app.scoring import combine
+    from training.data import heldout_rows
+    from training.evaluate import load_stage_model, score_answers
 
     model, tok = load_stage_model(folder)
     rows = heldout_rows()
-    items = [(render_prompt(tok, r.prompt, role_for_case(r.prompt)), r.completion) for r in rows]
-    total = combine(score_texts(model, tok, items, 8))
+    total = combine(score_answers(model, tok, rows))
     return {"rows": len(rows), "bits_per_byte": total.bits_per_byte, "token_ppl": total.perplexity}
 
 

@@ -41,9 +41,9 @@ def measure(folder: Path, kind: str, tokens: int, repeats: int, rows: int) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.engine import Engine, GenerationJob, SamplingParams
-    from app.prompting import render_prompt
-    from app.scoring import combine, score_texts
+    from app.scoring import combine
     from training.data import heldout_rows, role_for_case
+    from training.evaluate import score_answers
 
     torch.set_num_threads(os.cpu_count() or 1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -70,8 +70,7 @@ def measure(folder: Path, kind: str, tokens: int, repeats: int, rows: int) -> di
         res = engine.generate([GenerationJob(ids, SamplingParams(max_new_tokens=tokens))])[0]
         rates.append(len(res.token_ids) / (time.perf_counter() - t1))
     sample = held[:rows]
-    items = [(render_prompt(tokenizer, r.prompt, role_for_case(r.prompt)), r.completion) for r in sample]
-    total = combine(score_texts(model, tokenizer, items, 8))
+    total = combine(score_answers(model, tokenizer, sample))
     return {
         "model": kind,
         "folder": str(folder),

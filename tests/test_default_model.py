@@ -32,9 +32,9 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     """Recompute a sample of held-out rows and compare with the manifest's numbers for the same rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.prompting import render_prompt
-    from app.scoring import combine, score_texts
-    from training.data import heldout_rows, role_for_case
+    from app.scoring import combine
+    from training.data import heldout_rows
+    from training.evaluate import score_answers
 
     manifest = read_manifest(DEFAULT)
     per_row = manifest["heldout_per_row"]["rows"]
@@ -42,9 +42,7 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     sample = random.Random(0).sample(rows, 24)
     tok = AutoTokenizer.from_pretrained(DEFAULT)
     model = AutoModelForCausalLM.from_pretrained(DEFAULT)
-    scores = score_texts(
-        model, tok, [(render_prompt(tok, r.prompt, role_for_case(r.prompt)), r.completion) for r in sample]
-    )
+    scores = score_answers(model, tok, sample)
     measured = combine(scores).bits_per_byte
     recorded = -sum(per_row[r.id]["sum_logprob"] for r in sample) / (
         sum(per_row[r.id]["bytes"] for r in sample) * math.log(2)

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.prompting import render_prompt
 from app.scoring import Score, combine, score_texts
 from training.config import Recipe
-from training.data import heldout_rows, role_for_case
+from training.data import MedTextRow, case_prompt, heldout_rows, role_for_case
 from training.pipeline import model_dir
 from training.preferences import mismatched_negatives, shuffled_negatives
 from training.stages import Stage, write_json
@@ -47,7 +47,6 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     # both kinds of mismatched pair, whichever the recipe trained on: the nearest
     # case's answer (hard) and a random other case's (another topic)
     negatives = {"nearest": mismatched_negatives(rows), "shuffled": shuffled_negatives(rows, recipe.seed)}
-    triples = [(r.prompt, role_for_case(r.prompt), r.completion) for r in rows]
     write_json(out / "medtext_ids.json", [r.id for r in rows])
     bs = recipe.evaluate.batch_size
     beta = recipe.dpo.beta
@@ -59,8 +58,8 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     for name in stages:
         folder = model_dir(work / name)
         model, tokenizer = load_stage_model(folder)
-        prompts = [render_prompt(tokenizer, q, role) for q, role, _ in triples]
-        chosen[name] = score_texts(model, tokenizer, [(p, t[2]) for p, t in zip(prompts, triples, strict=True)], bs)
+        prompts = [case_prompt(tokenizer, r) for r in rows]
+        chosen[name] = score_answers(model, tokenizer, rows, bs)
         for kind, texts in negatives.items():
             rejected[kind][name] = score_texts(model, tokenizer, list(zip(prompts, texts, strict=True)), bs)
         if name == stages[-1]:
@@ -113,6 +112,11 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     _plots(work, out / "plots", metrics)
     (out / "report.md").write_text(render_report(recipe, result, samples), encoding="utf-8")
     return stage.finish({"eval_rows": len(rows)})
+
+
+def score_answers(model: Any, tokenizer: Any, rows: Sequence[MedTextRow], batch_size: int = 8) -> list[Score]:
+    """Each case's gold answer given its served prompt: the quantity every held-out number is made of."""
+    return score_texts(model, tokenizer, [(case_prompt(tokenizer, r), r.completion) for r in rows], batch_size)
 
 
 def _mean(values: Any) -> float:

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from app.prompting import render_prompt
-from training.data import MedTextRow, role_for_case
+from training.data import MedTextRow, case_prompt
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -78,7 +77,7 @@ def sampled_negatives(
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     out: list[str] = []
-    prompts = [render_prompt(tokenizer, r.prompt, role_for_case(r.prompt)) for r in rows]
+    prompts = [case_prompt(tokenizer, r) for r in rows]
     for lo in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
@@ -118,7 +117,7 @@ def preference_pairs(
         raise ValueError(f"unknown negatives strategy {strategy!r}")
     return [
         {
-            "prompt": render_prompt(tokenizer, r.prompt, role_for_case(r.prompt)),
+            "prompt": case_prompt(tokenizer, r),
             "chosen": r.completion,
             "rejected": neg,
         }

@@ -13,9 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.prompting import render_prompt
 from training.config import Recipe
-from training.data import role_for_case, train_rows
+from training.data import case_prompt, train_rows
 from training.hf import load_tokenizer
 from training.stages import Stage, write_json
 
@@ -34,7 +33,7 @@ def _scratch_cwd() -> Iterator[None]:
 
 def calibration_texts(tokenizer: object, limit: int, train_limit: int | None) -> list[str]:
     rows = train_rows(train_limit)[:limit]
-    return [render_prompt(tokenizer, r.prompt, role_for_case(r.prompt)) + r.completion for r in rows]
+    return [case_prompt(tokenizer, r) + r.completion for r in rows]
 
 
 def run_quantize(stage: Stage, dpo_stage: Path, recipe: Recipe) -> Path:

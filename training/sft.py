@@ -9,19 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.prompting import render_prompt
 from training.config import Recipe
-from training.data import MedTextRow, role_for_case, train_rows
+from training.data import MedTextRow, case_prompt, train_rows
 from training.hf import common_args, load_model, load_tokenizer, train_resumable
 from training.pipeline import model_dir
 from training.stages import Stage, write_json
 
 
 def sft_examples(tokenizer: object, rows: list[MedTextRow]) -> list[dict[str, str]]:
-    return [
-        {"prompt": render_prompt(tokenizer, r.prompt, role_for_case(r.prompt)), "completion": r.completion}
-        for r in rows
-    ]
+    return [{"prompt": case_prompt(tokenizer, r), "completion": r.completion} for r in rows]
 
 
 def run_sft(stage: Stage, base_stage: Path, recipe: Recipe) -> Path:

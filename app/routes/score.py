@@ -6,9 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
+from app.engine import ScoreItem
 from app.prompting import render_prompt
 from app.routes import ERRORS, serving
 from app.schemas import PerplexityRequest, PerplexityResponse, PerplexityResult
+from app.scoring import encode_for_scoring
 from app.serving import Serving
 
 router = APIRouter(tags=["scoring"])
@@ -19,16 +21,16 @@ router = APIRouter(tags=["scoring"])
 )
 async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
-    items: list[tuple[str | None, str]] = []
+    items: list[ScoreItem] = []
     for i, item in enumerate(req.items or []):
         if item.text is not None:
-            pair: tuple[str | None, str] = (None, item.text)
+            context, target = None, item.text
         else:
-            pair = (render_prompt(engine.tokenizer, item.question or "", item.role), item.answer or "")
-        n = len(engine.encode((pair[0] or "") + pair[1])) + 1
-        if n > engine.context_length:
-            svc.check_context(n, 0, f"items[{i}]")
-        items.append(pair)
+            context, target = render_prompt(engine.tokenizer, item.question or "", item.role), item.answer or ""
+        encoded = encode_for_scoring(engine.tokenizer, context, target)  # once: checked here, scored as is
+        if len(encoded[0]) > engine.context_length:
+            svc.check_context(len(encoded[0]), 0, f"items[{i}]")
+        items.append((context, target, encoded))
     scores = await svc.score(request, items)
     svc.note(request, sum(s.tokens for s in scores), 0)
     results = [

@@ -201,6 +201,14 @@ _ROLE_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def case_prompt(tokenizer: object, row: MedTextRow) -> str:
+    """The prompt a MedText case is trained, calibrated, evaluated and served under:
+    its question, asked in the role of the specialty that fits it."""
+    from app.prompting import render_prompt
+
+    return render_prompt(tokenizer, row.prompt, role_for_case(row.prompt))
+
+
 def role_for_case(text: str) -> str:
     """The specialty that fits a case, by keyword; General Practitioner otherwise."""
     from app.prompting import DEFAULT_ROLE
