@@ -164,8 +164,11 @@ class Engine:
         return cls(model, tokenizer, folder, manifest, dev, time.perf_counter() - t0)
 
     # ---- prompts -------------------------------------------------------
-    def encode_question(self, question: str, role: str) -> list[int]:
-        return self.encode(render_prompt(self.tokenizer, question, role))
+    def encode_question(self, question: str, role: str, evidence: str = "") -> list[int]:
+        return self.encode(render_prompt(self.tokenizer, question, role, evidence))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
 
     def encode(self, text: str) -> list[int]:
         # special tokens come from the chat template (see app.prompting)

@@ -40,32 +40,51 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def verify_checkpoint(folder: Path) -> list[str]:
     """Everything wrong with a checkpoint folder; an empty list means it is sound."""
+    return verify_folder(folder, REQUIRED, "a published MedAsk checkpoint", weights=True)
+
+
+def verify_folder(folder: Path, required: tuple[str, ...], what: str, weights: bool = False) -> list[str]:
+    """Check a folder against its manifest: every listed file present with its size and sha256,
+    no file the manifest does not list (loaders read whatever is there), no links, no path
+    that leaves the folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        return [f"checkpoint folder {folder} does not exist"]
+        return [f"folder {folder} does not exist"]
     if not (folder / MANIFEST).is_file():
-        return [f"{folder} has no {MANIFEST}: not a published MedAsk checkpoint"]
+        return [f"{folder} has no {MANIFEST}: not {what}"]
     try:
         manifest = read_manifest(folder)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [f"{folder / MANIFEST} is not valid JSON: {exc}"]
     problems: list[str] = []
-    files = manifest.get("files")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
         return [f"{MANIFEST} lists no files"]
-    for name in REQUIRED:
+    for name in required:
         if name not in files:
             problems.append(f"{name} is missing from the manifest")
-    if not any(n.endswith(".safetensors") for n in files):
+    if weights and not any(n.endswith(".safetensors") for n in files):
         problems.append("the manifest lists no .safetensors weights")
+    root = folder.resolve()
     for rel, meta in files.items():
         path = folder / rel
-        if not path.is_file():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel != Path(rel).as_posix():
+            problems.append(f"manifest entry {rel!r} is not a plain relative path inside the folder")
+        elif path.is_symlink() or path.resolve() != root / rel:  # a link here or in a parent folder
+            problems.append(f"{rel} is a symbolic link (refused)")
+        elif not path.is_file():
             problems.append(f"{rel} is listed in the manifest but missing")
-        elif path.stat().st_size != meta.get("bytes"):
+        elif not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes"):
             problems.append(
-                f"{rel} has {path.stat().st_size} bytes, the manifest says {meta.get('bytes')} (truncated or altered)"
+                f"{rel} has {path.stat().st_size} bytes, the manifest says {meta.get('bytes') if isinstance(meta, dict) else '?'} (truncated or altered)"
             )
         elif sha256_file(path) != meta.get("sha256"):
             problems.append(f"{rel} fails its sha256 check against the manifest (altered)")
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST or (path.is_dir() and not path.is_symlink()):
+            continue
+        if rel not in files:
+            kind = "symbolic link" if path.is_symlink() else "file"
+            problems.append(f"{rel} is a {kind} the manifest does not list (refused: loaders would read it)")
     return problems

@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SAFETY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 PPL_BUCKETS = (1, 1.5, 2, 3, 5, 8, 13, 20, 35, 60, 100, 200, 500)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -51,6 +52,28 @@ class Metrics:
         self.model_info = Gauge(
             "medask_model_info", "The served model (value 1)", ["model", "quantization", "kernel", "device"], registry=r
         )
+        self.triage = Counter(
+            "medask_triage_requests", "Questions triaged, by the most severe level found", ["level"], registry=r
+        )
+        self.triage_flags = Counter(
+            "medask_triage_flags", "Red flags raised, by rule id (never text)", ["flag", "level"], registry=r
+        )
+        self.triage_seconds = Histogram(
+            "medask_triage_seconds", "Time the safety layer adds per request", buckets=SAFETY_BUCKETS, registry=r
+        )
+        self.scope_refusals = Counter(
+            "medask_scope_refusals", "Questions refused as outside medicine, without a model call", registry=r
+        )
+        self.degenerate = Counter(
+            "medask_degenerate_answers", "Answers withheld by the quality gate, by reason", ["reason"], registry=r
+        )
+        self.evidence_seconds = Histogram(
+            "medask_evidence_retrieval_seconds", "Evidence retrieval time per query", buckets=SAFETY_BUCKETS, registry=r
+        )
+        self.evidence_requests = Counter(
+            "medask_evidence_requests", "Retrievals, by whether any passage was found", ["result"], registry=r
+        )
+        self.evidence_passages = Counter("medask_evidence_passages", "Passages cited in answers", registry=r)
         self.ready = Gauge("medask_ready", "1 when the model is loaded and warmed up", registry=r)
 
     def render(self) -> bytes:

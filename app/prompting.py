@@ -100,17 +100,26 @@ def defuse_markers(text: str) -> str:
     return text.replace("<|", "< |")
 
 
-def build_messages(question: str, role: str = DEFAULT_ROLE) -> list[dict[str, str]]:
-    """Chat messages for one clinical question answered in a role."""
+def user_turn(question: str, evidence: str = "") -> str:
+    """The user message: the question, after the evidence block when there is one
+    (built by app.evidence.evidence_block; numbered like the citations)."""
+    question = defuse_markers(question.strip())
+    if not evidence:
+        return question
+    return f"{defuse_markers(evidence)}\n\nQuestion: {question}"
+
+
+def build_messages(question: str, role: str = DEFAULT_ROLE, evidence: str = "") -> list[dict[str, str]]:
+    """Chat messages for one clinical question answered in a role, with optional evidence."""
     return [
         {"role": "system", "content": system_instruction(clean_role(role))},
-        {"role": "user", "content": defuse_markers(question.strip())},
+        {"role": "user", "content": user_turn(question, evidence)},
     ]
 
 
-def render_prompt(tokenizer: object, question: str, role: str = DEFAULT_ROLE) -> str:
+def render_prompt(tokenizer: object, question: str, role: str = DEFAULT_ROLE, evidence: str = "") -> str:
     """The prompt text the model sees, ending where the answer starts."""
-    return render_messages(tokenizer, build_messages(question, role))
+    return render_messages(tokenizer, build_messages(question, role, evidence))
 
 
 def render_messages(tokenizer: object, messages: list[dict[str, str]]) -> str:

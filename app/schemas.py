@@ -71,6 +71,10 @@ class AskRequest(_Request):
     top_p: TopP = 1.0
     seed: Seed | None = None
     stream: bool = False
+    evidence: bool | None = Field(
+        None, description="retrieve cited evidence into the prompt; default: true when an evidence pack is loaded"
+    )
+    evidence_k: int | None = Field(None, ge=1, le=10, description="passages to retrieve; default: the trained k")
 
     _q = field_validator("question")(_clean_question)
     _r = field_validator("role")(_clean_role)
@@ -97,13 +101,72 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TriageFlag(BaseModel):
+    id: str = Field(..., description="rule id in the rule file, e.g. acute_coronary_syndrome")
+    name: str
+    level: Literal["emergency", "crisis", "urgent"]
+    advice: str
+
+
+class TriageOut(BaseModel):
+    level: Literal["emergency", "crisis", "urgent", "routine"] = Field(
+        ..., description="the most severe red flag found in the question by the deterministic rule layer"
+    )
+    flags: list[TriageFlag]
+    rules_version: str
+    in_scope: bool = Field(..., description="false: not a medical question; refused without a model call")
+    advice: str | None = Field(
+        None, description="fixed, rule-owned advice (emergency and crisis): the answer starts with it"
+    )
+
+
+class QualityOut(BaseModel):
+    degenerate: bool = Field(..., description="true: the model's text was a loop, an echo or empty, and is withheld")
+    reasons: list[str]
+    repetition: float = Field(..., description="share of word trigrams repeating an earlier one (gold answers: <0.1)")
+    question_echo: float = Field(..., description="share of the answer's word 4-grams copied from the question")
+    words: int
+    perplexity_percentile: float | None = Field(
+        None,
+        description="percentage of this model's greedy answers to the held-out questions with a lower perplexity "
+        "(from the checkpoint's manifest); null when the checkpoint has no such reference",
+    )
+
+
+PERPLEXITY_MEANING = (
+    "the model's perplexity of its own answer given the prompt: how predictable the text was to the model, "
+    "NOT whether it is correct (loops score lowest); see quality.perplexity_percentile and quality.degenerate; "
+    "null when no model call was made"
+)
+
+
+class Citation(BaseModel):
+    id: str = Field(..., description="passage id in the evidence pack")
+    title: str
+    source: str
+    url: str | None
+    score: float = Field(..., description="BM25 score of the passage for role + question")
+    snippet: str = Field(..., description="the passage text the model saw (up to about 600 characters)")
+
+
 class AskResponse(BaseModel):
     id: str
-    answer: str
+    answer: str = Field(
+        ...,
+        description="fixed safety advice first (emergency/crisis), then the model's answer, or a plain statement "
+        "that no reliable answer was produced",
+    )
     role: str
-    perplexity: float = Field(..., description="the model's perplexity of its own answer given the prompt")
+    perplexity: float | None = Field(..., description=PERPLEXITY_MEANING)
     usage: Usage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "refused"] = Field(
+        ..., description="refused: outside medicine, answered by the rule layer without a model call"
+    )
+    triage: TriageOut
+    quality: QualityOut | None = Field(None, description="the answer quality gate; null when no model call was made")
+    citations: list[Citation] = Field(
+        default_factory=list, description="the evidence in the model's prompt, numbered as the answer cites it"
+    )
     model: str
     disclaimer: str
     latency_ms: float

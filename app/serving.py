@@ -14,16 +14,33 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.engine import CheckpointError, Engine, GenerationJob, GenerationResult, SamplingParams, ScoreItem
+from app.evidence import (
+    DEFAULT_K,
+    DEFAULT_MAX_TOKENS,
+    PASSAGES,
+    EvidenceError,
+    EvidencePack,
+    Passage,
+    gather,
+    load_pack,
+)
 from app.metrics import Metrics
+from app.quality import Quality, assess, withheld
+from app.safety import SafetyLayer, SafetyRulesError, Triage
 from app.scheduler import QueueFull, Scheduler
 from app.security import text_digest
 from app.settings import Settings
+
+DEFAULT_EVIDENCE_DIR = "model_artifacts/evidence"
+# tokens the evidence frame adds around the block ("\n\nQuestion: "), kept out of the block's budget
+EVIDENCE_FRAME_TOKENS = 16
 
 log = logging.getLogger("medask.serving")
 
@@ -44,6 +61,9 @@ class Serving:
         self.settings = settings
         self.metrics = metrics
         self.engine: Engine | None = None
+        self.safety: SafetyLayer | None = None
+        self.evidence: EvidencePack | None = None
+        self.evidence_note = "no evidence pack configured"
         self.scheduler: Scheduler | None = None
         self.ready = False
         self.load_error: str | None = None
@@ -54,6 +74,19 @@ class Serving:
         """Load the checkpoint once, start the worker, warm up; then ready."""
         s = self.settings
         self.state = "loading"
+        try:
+            # the rules first: a broken rule file is refused before minutes of model loading
+            self.safety = SafetyLayer.load(s.safety_rules, s.emergency_number, s.crisis_line)
+        except SafetyRulesError as exc:
+            self.load_error = str(exc)
+            self.state = "failed"
+            raise CheckpointError(str(exc)) from exc
+        try:
+            self.evidence = self._load_evidence()
+        except EvidenceError as exc:
+            self.load_error = str(exc)
+            self.state = "failed"
+            raise CheckpointError(str(exc)) from exc
         try:
             engine = Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
         except CheckpointError as exc:
@@ -113,6 +146,120 @@ class Serving:
             reason = self.load_error or f"model is {self.state.replace('_', ' ')}"
             raise ApiError(503, "service_unavailable", f"not ready: {reason}", headers={"Retry-After": "5"})
         return self.engine, self.scheduler
+
+    # ---- evidence -------------------------------------------------------------
+    def _load_evidence(self) -> EvidencePack | None:
+        """The configured pack (refused when it fails verification), the default one when it
+        has been built, or none: then answers carry no citations and /info says why."""
+        folder = self.settings.evidence_dir
+        if folder is not None:
+            if not Path(folder).is_dir():
+                raise EvidenceError(f"MEDASK_EVIDENCE_DIR={folder} does not exist")
+            self.evidence_note = f"evidence pack {folder}"
+            return load_pack(folder)
+        default = Path(DEFAULT_EVIDENCE_DIR)
+        if not (default / PASSAGES).is_file():
+            self.evidence_note = (
+                f"no evidence pack: {default} has not been built (run `python -m training evidence --default`, "
+                "which `make serve` does) and MEDASK_EVIDENCE_DIR is not set"
+            )
+            log.warning(self.evidence_note, extra={"event": "no_evidence"})
+            return None
+        self.evidence_note = f"evidence pack {default}"
+        return load_pack(default)
+
+    def evidence_contract(self) -> tuple[int, int]:
+        """(k, max_tokens): the settings, else what the checkpoint was trained with, else the defaults."""
+        trained = {}
+        if self.engine is not None:
+            trained = (self.engine.manifest.get("recipe") or {}).get("evidence") or {}
+        k = self.settings.evidence_k or trained.get("k") or DEFAULT_K
+        max_tokens = self.settings.evidence_max_tokens or trained.get("max_tokens") or DEFAULT_MAX_TOKENS
+        return int(k), int(max_tokens)
+
+    def prompt(
+        self, question: str, role: str, max_new: int, param: str, evidence: bool | None = None, k: int | None = None
+    ) -> tuple[list[int], list[Passage]]:
+        """The prompt's token ids and the passages in it. Evidence is retrieved when asked for, or by
+        default when a pack is loaded; the block gets the context that is left, so it is what gets
+        cut, never the question."""
+        engine, _ = self.require_ready()
+        prompt = engine.encode_question(question, role)
+        self.check_context(len(prompt), max_new, param)
+        if not (evidence or (evidence is None and self.evidence is not None)):
+            return prompt, []
+        if self.evidence is None:
+            raise ApiError(400, "evidence_unavailable", f"evidence was asked for but {self.evidence_note}", "evidence")
+        room = engine.context_length - len(prompt) - max_new - EVIDENCE_FRAME_TOKENS
+        passages, block = self.retrieve(role, question, k, room)
+        if not block:
+            return prompt, []
+        return engine.encode_question(question, role, block), passages
+
+    def retrieve(self, role: str, question: str, k: int | None, room: int) -> tuple[list[Passage], str]:
+        """Passages and the evidence block for a prompt, within ``room`` tokens of context."""
+        engine, _ = self.require_ready()
+        default_k, max_tokens = self.evidence_contract()
+        t0 = time.perf_counter()
+        passages, block = gather(
+            self.evidence, role, question, engine.count_tokens, k or default_k, min(max_tokens, room)
+        )
+        self.metrics.evidence_seconds.observe(time.perf_counter() - t0)
+        self.metrics.evidence_requests.labels("hit" if passages else "empty").inc()
+        self.metrics.evidence_passages.inc(len(passages))
+        return passages, block
+
+    # ---- safety ---------------------------------------------------------------
+    def triage(self, text: str) -> Triage:
+        """Red-flag triage before any model call; counts flags by rule id, never text."""
+        if self.safety is None:
+            self.require_ready()
+        assert self.safety is not None
+        t0 = time.perf_counter()
+        result = self.safety.triage(text)
+        self.metrics.triage_seconds.observe(time.perf_counter() - t0)
+        self.metrics.triage.labels(result.level).inc()
+        for flag in result.flags:
+            self.metrics.triage_flags.labels(flag.id, flag.level).inc()
+        if not result.in_scope:
+            self.metrics.scope_refusals.inc()
+        return result
+
+    def quality(self, answer: str, question: str, perplexity: float | None) -> Quality:
+        """The quality gate, with the answer's perplexity placed among the model's held-out answers."""
+        reference = None
+        if self.engine is not None:
+            reference = (self.engine.manifest.get("heldout_generation") or {}).get("perplexities")
+        quality = assess(answer, question, perplexity, reference)
+        for reason in quality.reasons:
+            self.metrics.degenerate.labels(reason).inc()
+        return quality
+
+    def safety_refusal(self) -> str:
+        assert self.safety is not None
+        return self.safety.refusal
+
+    def events(self, events: list[str]) -> StreamingResponse:
+        """A stream whose every event is known up front (a refusal: no model call)."""
+
+        async def gen() -> AsyncIterator[str]:
+            for event in events:
+                yield event
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    def shown_answer(text: str, quality: Quality, passages: list[Passage] | None = None) -> str:
+        """What a client reads as the answer: the model's text, or a plain statement that there
+        is none, pointing at the evidence a clinician can read instead."""
+        if not quality.degenerate:
+            return text.strip()
+        out = withheld(quality)
+        if passages:
+            out += "\nEvidence you can check:\n" + "\n".join(
+                f"[{i}] {p.title} ({p.source}{', ' + p.url if p.url else ''})" for i, p in enumerate(passages, 1)
+            )
+        return out
 
     # ---- helpers --------------------------------------------------------------
     def check_context(self, prompt_tokens: int, max_new: int, param: str) -> None:
@@ -191,8 +338,10 @@ class Serving:
         on_piece: Callable[[str], str],
         on_done: Callable[[GenerationResult], list[str]],
         audit: dict[str, str] | None = None,
+        preamble: list[str] | None = None,
     ) -> StreamingResponse:
-        """Server-Sent Events: one event per piece of text, then the closing events."""
+        """Server-Sent Events: the preamble (fixed safety advice), one event per piece of text,
+        then the closing events."""
         t0 = time.perf_counter()
         _, scheduler = self.require_ready()
         loop = asyncio.get_running_loop()
@@ -203,6 +352,8 @@ class Serving:
 
         async def events() -> AsyncIterator[str]:
             try:
+                for event in preamble or []:
+                    yield event
                 while True:
                     getter = asyncio.ensure_future(pieces.get())
                     done, _ = await asyncio.wait(

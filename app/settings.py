@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins, or *")
     audit_hashes: bool = Field(False, description="log sha256 of question/answer text (never the text)")
     log_level: str = "INFO"
+    evidence_dir: Path | None = Field(
+        None, description="evidence pack; default: model_artifacts/evidence when it has been built"
+    )
+    evidence_k: int | None = Field(None, ge=1, le=10, description="default: the checkpoint's training contract, else 3")
+    evidence_max_tokens: int | None = Field(None, ge=16, le=8192, description="default: the checkpoint's, else 256")
+    safety_rules: Path | None = Field(None, description="triage rule file; default: app/safety_rules.yaml")
+    emergency_number: str = Field("911", min_length=1, description="said in emergency advice")
+    crisis_line: str = Field("988 (call or text)", min_length=1, description="said in crisis advice")
     roles: str = Field(",".join(SPECIALTIES), description="comma-separated specialties listed at /roles")
 
     @cached_property

@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from training.pipeline import STAGES
+
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -31,12 +33,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. --set sft.epochs=1",
     )
-    run.add_argument(
-        "--until", choices=["base", "sft", "dpo", "gptq", "eval"], help="stop after this stage (no publish)"
-    )
+    run.add_argument("--until", choices=list(STAGES), help="stop after this stage (no publish)")
     run.add_argument("--force", action="store_true", help="replace a different checkpoint at --out")
 
     sub.add_parser("split", help="rewrite training/data/split.json from the seed")
+
+    ev = sub.add_parser("evidence", help="build an evidence pack (indexed, checksummed passages)")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="JSONL of {id, title, text, url, source}: e.g. a hospital's guidelines")
+    src.add_argument(
+        "--default", action="store_true", help="the shipped pack: vendored MedQuAD + the MedText train split"
+    )
+    ev.add_argument("--out", help="pack folder (default with --default: model_artifacts/evidence)")
+    ev.add_argument("--name", help="pack name recorded in its manifest")
+    ev.add_argument("--force", action="store_true", help="replace a pack whose rebuild differs from its manifest")
 
     verify = sub.add_parser("verify", help="check a published checkpoint against its manifest")
     verify.add_argument("folder")
@@ -51,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         record = write_split()
         print(f"held out {record['heldout']} of {record['rows']} rows (seed {record['seed']})")
         return 0
+    if args.command == "evidence":
+        return _evidence(args)
     if args.command == "verify":
         from app.manifest import verify_checkpoint
 
@@ -87,6 +99,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _summary(manifest, out, time.time() - t0, result)
+    return 0
+
+
+def _evidence(args: argparse.Namespace) -> int:
+    from training.evidence import DEFAULT_PACK, EvidenceBuildError, build_pack, ensure_default_pack, read_corpus
+
+    t0 = time.time()
+    try:
+        if args.default:
+            manifest, built = ensure_default_pack(Path(args.out) if args.out else DEFAULT_PACK, force=args.force)
+        else:
+            if not args.out:
+                print("error: --out is required with --corpus", file=sys.stderr)
+                return 2
+            docs = read_corpus(Path(args.corpus))
+            manifest, built = build_pack(docs, Path(args.out), args.name or Path(args.out).name, args.force), True
+    except EvidenceBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    verb = f"built in {time.time() - t0:.0f}s" if built else "verified (up to date)"
+    print(
+        f"evidence pack {manifest['name']}: {manifest['documents']} documents, {manifest['passages']} passages "
+        f"({', '.join(f'{k} {v}' for k, v in manifest['sources'].items())}); {verb}"
+    )
     return 0
 
 

@@ -163,6 +163,8 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
         else {"method": None},
         "metrics": metrics["stages"],
         "heldout_per_row": metrics["per_row"],
+        # the service places each served answer's perplexity within this distribution
+        "heldout_generation": metrics.get("heldout_generation"),
         "dpo": metrics.get("dpo"),
         "stage_seconds": {
             name: _stage_info(work, name).get("seconds") for name in ("base", "sft", "dpo", "gptq", "eval")

@@ -48,6 +48,16 @@ class DataConfig(_Section):
     eval_rows: int | None = None  # None: the whole held-out split
 
 
+class EvidenceConfig(_Section):
+    """Retrieval-augmented training: each example's prompt carries the evidence block that
+    app.evidence retrieves for it (never its own case), exactly as the service will."""
+
+    enabled: bool = False
+    k: int = Field(3, ge=1, le=10)
+    max_tokens: int = Field(256, ge=16, le=4096)
+    medquad_docs: int | None = Field(None, ge=1, description="None: all of MedQuAD")
+
+
 class SFTConfig(_Section):
     epochs: float = 3.0
     lr: float = 5e-4
@@ -100,6 +110,7 @@ class Recipe(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     base: BaseConfig = Field(default_factory=BaseConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)

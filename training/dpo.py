@@ -11,6 +11,7 @@ from pathlib import Path
 
 from training.config import Recipe
 from training.data import train_rows
+from training.evidence import case_prompter
 from training.hf import common_args, load_model, load_tokenizer, train_resumable
 from training.preferences import preference_pairs
 from training.stages import Stage, write_json
@@ -33,7 +34,13 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
         pairs = json.loads(pairs_path.read_text())
     else:
         pairs = preference_pairs(
-            rows, tokenizer, cfg.negatives, model, cfg.sample_max_new_tokens, recipe.seed, cfg.mismatch
+            rows,
+            case_prompter(tokenizer, recipe, stage.work),
+            cfg.negatives,
+            model,
+            cfg.sample_max_new_tokens,
+            recipe.seed,
+            cfg.mismatch,
         )
         write_json(pairs_path, pairs)
 

@@ -19,7 +19,8 @@ import torch
 
 from app.scoring import Score, combine, score_texts
 from training.config import Recipe
-from training.data import MedTextRow, case_prompt, heldout_rows, role_for_case
+from training.data import MedTextRow, heldout_rows, role_for_case
+from training.evidence import CasePrompter, case_prompter
 from training.pipeline import model_dir
 from training.preferences import mismatched_negatives, shuffled_negatives
 from training.stages import Stage, write_json
@@ -54,16 +55,26 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     chosen: dict[str, list[Score]] = {}
     rejected: dict[str, dict[str, list[Score]]] = {kind: {} for kind in negatives}
     stages = [s for s in EVAL_STAGES if (work / s).is_dir()]
-    samples: list[dict[str, str]] = []
+    samples: list[dict[str, Any]] = []
+    generations: list[dict[str, Any]] = []
+    plain: dict[str, list[Score]] = {}
     for name in stages:
         folder = model_dir(work / name)
         model, tokenizer = load_stage_model(folder)
-        prompts = [case_prompt(tokenizer, r) for r in rows]
-        chosen[name] = score_answers(model, tokenizer, rows, bs)
+        prompter = case_prompter(tokenizer, recipe, work)
+        prompts = [prompter(r) for r in rows]
+        chosen[name] = score_answers(model, tokenizer, rows, bs, prompter)
+        if recipe.evidence.enabled:  # the same model without evidence: what retrieval is worth
+            plain[name] = score_answers(model, tokenizer, rows, bs)
         for kind, texts in negatives.items():
             rejected[kind][name] = score_texts(model, tokenizer, list(zip(prompts, texts, strict=True)), bs)
         if name == stages[-1]:
-            samples = _generate_samples(model, tokenizer, rows, prompts, recipe)
+            generations = _heldout_generations(model, tokenizer, rows, prompts, recipe)
+            for g, row in zip(generations, rows, strict=True):
+                g["citations"] = [
+                    {"title": p.title, "source": p.source, "url": p.url} for p in prompter.evidence(row)[0]
+                ]
+            samples = generations[: recipe.evaluate.samples]
         print(f"[eval] {name}: bits/byte {combine(chosen[name]).bits_per_byte:.4f}")
         del model
 
@@ -72,6 +83,8 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
         total = combine(chosen[name])
         m: dict[str, Any] = total.metrics()
         m["mean_answer_logprob"] = sum(s.sum_logprob for s in chosen[name]) / len(rows)
+        if name in plain:
+            m["no_evidence"] = combine(plain[name]).metrics()
         for kind in negatives:
             m[f"pref_accuracy_per_token_{kind}"] = _mean(
                 c.mean_logprob > r.mean_logprob for c, r in zip(chosen[name], rejected[kind][name], strict=True)
@@ -104,6 +117,8 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
         },
         "heldout_rows_total": len(heldout_rows()),
         "stages": metrics,
+        "heldout_generation": _generation_summary(generations, recipe),
+        "evidence": _evidence_summary(recipe, work, rows),
         "dpo": _dpo_summary(work, metrics),
         "paper": PAPER,
     }
@@ -114,9 +129,13 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     return stage.finish({"eval_rows": len(rows)})
 
 
-def score_answers(model: Any, tokenizer: Any, rows: Sequence[MedTextRow], batch_size: int = 8) -> list[Score]:
-    """Each case's gold answer given its served prompt: the quantity every held-out number is made of."""
-    return score_texts(model, tokenizer, [(case_prompt(tokenizer, r), r.completion) for r in rows], batch_size)
+def score_answers(
+    model: Any, tokenizer: Any, rows: Sequence[MedTextRow], batch_size: int = 8, prompter: CasePrompter | None = None
+) -> list[Score]:
+    """Each case's gold answer given its served prompt (with its evidence when the prompter
+    retrieves it): the quantity every held-out number is made of."""
+    prompter = prompter or CasePrompter(tokenizer)
+    return score_texts(model, tokenizer, [(prompter(r), r.completion) for r in rows], batch_size)
 
 
 def _mean(values: Any) -> float:
@@ -125,30 +144,79 @@ def _mean(values: Any) -> float:
 
 
 @torch.inference_mode()
-def _generate_samples(
+def _heldout_generations(
     model: Any, tokenizer: Any, rows: list, prompts: list[str], recipe: Recipe
-) -> list[dict[str, str]]:
-    samples = []
-    for row, prompt in list(zip(rows, prompts, strict=True))[: recipe.evaluate.samples]:
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+) -> list[dict[str, Any]]:
+    """The published model's greedy answer to every held-out question, with its perplexity
+    (teacher-forced, as the service reports it) and the quality gate's verdict."""
+    from app.quality import assess
+
+    max_new = recipe.evaluate.sample_max_new_tokens
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    bs = recipe.evaluate.batch_size
+    for lo in range(0, len(prompts), bs):
+        enc = tokenizer(prompts[lo : lo + bs], return_tensors="pt", add_special_tokens=False, padding=True)
         gen = model.generate(
             **enc,
             do_sample=False,
-            max_new_tokens=recipe.evaluate.sample_max_new_tokens,
+            max_new_tokens=max_new,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        answer = tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        samples.append(
+        width = enc["input_ids"].shape[1]
+        answers += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+    scored = [(p, a if a else tokenizer.eos_token) for p, a in zip(prompts, answers, strict=True)]
+    scores = score_texts(model, tokenizer, scored, bs)
+    out = []
+    for row, answer, score in zip(rows, answers, scores, strict=True):
+        quality = assess(answer, row.prompt, score.perplexity)
+        out.append(
             {
                 "id": row.id,
                 "role": role_for_case(row.prompt),
                 "question": row.prompt,
                 "gold": row.completion,
                 "generated": answer,
+                "perplexity": score.perplexity,
+                "degenerate": quality.degenerate,
+                "reasons": list(quality.reasons),
             }
         )
-    return samples
+    return out
+
+
+def _evidence_summary(recipe: Recipe, work: Path, rows: list[MedTextRow]) -> dict[str, Any] | None:
+    if not recipe.evidence.enabled:
+        return None
+    from app.evidence import EvidencePack
+    from training.evidence import retrieval_quality
+
+    pack = EvidencePack.load(work / "evidence" / "pack")
+    return {
+        "k": recipe.evidence.k,
+        "max_tokens": recipe.evidence.max_tokens,
+        "pack": {k: pack.manifest.get(k) for k in ("name", "documents", "passages", "sources", "corpus_sha256")},
+        "retrieval": retrieval_quality(pack, rows, 5),
+    }
+
+
+def _generation_summary(generations: list[dict[str, Any]], recipe: Recipe) -> dict[str, Any]:
+    """What the service compares a served answer with: the distribution of the same model's
+    greedy held-out answers (perplexity percentiles) and how often they were degenerate."""
+    n = max(len(generations), 1)
+    reasons: dict[str, int] = {}
+    for g in generations:
+        for r in g["reasons"]:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {
+        "rows": len(generations),
+        "max_new_tokens": recipe.evaluate.sample_max_new_tokens,
+        "decoding": "greedy",
+        "perplexities": sorted(round(g["perplexity"], 4) for g in generations),
+        "degenerate_rate": sum(g["degenerate"] for g in generations) / n,
+        "degenerate_reasons": reasons,
+    }
 
 
 def _log(path: Path) -> list[dict[str, Any]]:
@@ -236,6 +304,49 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "-" if x is None else str(x)
 
 
+def _evidence_lines(ev: dict[str, Any] | None, stages: dict[str, Any]) -> list[str]:
+    if not ev:
+        return ["## Evidence", "", "This model was trained without retrieved evidence (`evidence.enabled: false`)."]
+    r = ev["retrieval"]
+    rec = ", ".join(f"{k} {_fmt(v)}" for k, v in r["recall"].items())
+    lines = [
+        "## Evidence (retrieval-augmented training and serving)",
+        "",
+        f"Each prompt carries the top {ev['k']} passages (one per document, at most {ev['max_tokens']} tokens) that "
+        f"`app/evidence.py` retrieves for role + question from the pack `{ev['pack']['name']}` "
+        f"({ev['pack']['documents']} documents, {ev['pack']['passages']} passages: "
+        + ", ".join(f"{k} {v}" for k, v in (ev["pack"]["sources"] or {}).items())
+        + "); a training row never retrieves its own case, and no held-out row is in the pack.",
+        "",
+        f"Retrieval relevance on the held-out rows: recall@{r['k']} (a condition named in the gold answer is the "
+        f"focus of a retrieved passage; {r['rows_with_condition']} of {r['rows']} rows name one): {rec}. "
+        f"Retrieval latency per query p50 {_fmt(r['latency_ms_p50'], 2)} ms, p99 {_fmt(r['latency_ms_p99'], 2)} ms.",
+        "",
+        "| stage | bits/byte with evidence | bits/byte without | change |",
+        "|---|---|---|---|",
+    ]
+    for name, m in stages.items():
+        if "no_evidence" in m:
+            w, wo = m["bits_per_byte"], m["no_evidence"]["bits_per_byte"]
+            lines.append(f"| {name} | {_fmt(w, 4)} | {_fmt(wo, 4)} | {(w / wo - 1) * 100:+.1f}% |")
+    return lines
+
+
+def _gate_line(gen: dict[str, Any]) -> str:
+    if not gen.get("rows"):
+        return "No held-out generations."
+    pp = gen["perplexities"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(gen["degenerate_reasons"].items())) or "none"
+    return (
+        f"The published model's greedy answers (up to {gen['max_new_tokens']} tokens) to all {gen['rows']} held-out "
+        f"questions: {gen['degenerate_rate']:.1%} degenerate by `app/quality.py` (reasons: {reasons}); the service "
+        "withholds such answers. Their perplexities (median "
+        f"{pp[len(pp) // 2]:.2f}, 10th-90th percentile {pp[len(pp) // 10]:.2f}-{pp[(len(pp) * 9) // 10]:.2f}) are "
+        "the reference each served answer's `quality.perplexity_percentile` is measured against. A low perplexity "
+        "means the text was predictable to the model, not that it is right: loops score lowest."
+    )
+
+
 def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str, str]]) -> str:
     stages = result["stages"]
     lines = [
@@ -303,6 +414,7 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
             ]
     else:
         lines.append("No DPO training log (stage skipped).")
+    lines += ["", *_evidence_lines(result.get("evidence"), stages)]
     lines += [
         "",
         "## Plots",
@@ -312,6 +424,10 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
         "![DPO rewards](plots/dpo_rewards.png)",
         "",
         "![perplexity by stage](plots/perplexity_by_stage.png)",
+        "",
+        "## Answer quality gate on the held-out questions",
+        "",
+        _gate_line(result.get("heldout_generation") or {}),
         "",
         f"## Held-out samples ({len(samples)}, greedy decoding, the published model, verbatim)",
         "",
@@ -325,6 +441,21 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
             f"**Gold answer.** {s['gold']}",
             "",
             f"**Model answer.** {s['generated'] or '(empty)'}",
+            "",
+            "**Citations.** "
+            + (
+                "; ".join(
+                    f"[{i}] {c['title']} ({c['source']}, {c['url']})" for i, c in enumerate(s.get("citations") or [], 1)
+                )
+                or "none"
+            ),
+            "",
+            f"Perplexity {s['perplexity']:.2f}; quality gate: "
+            + (
+                "**degenerate** (" + ", ".join(s["reasons"]) + "), withheld by the service"
+                if s["degenerate"]
+                else "passed"
+            ),
             "",
         ]
     lines += [

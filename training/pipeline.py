@@ -1,4 +1,4 @@
-"""recipe -> data -> base -> sft -> dpo -> quantize -> evaluate -> publish.
+"""recipe -> data -> base -> evidence pack -> sft -> dpo -> quantize -> evaluate -> publish.
 
 Each stage reads the previous stage's folder and writes its own under the
 work folder; a stage is reused when its folder is complete and was made from
@@ -19,7 +19,7 @@ from pathlib import Path
 from training.config import Recipe
 from training.stages import Stage
 
-STAGES = ("base", "sft", "dpo", "gptq", "eval")
+STAGES = ("base", "evidence", "sft", "dpo", "gptq", "eval")
 
 
 def _key(*parts: object) -> str:
@@ -30,11 +30,12 @@ def _key(*parts: object) -> str:
 def stage_keys(recipe: Recipe) -> dict[str, str]:
     """Each stage's key covers its own settings and every upstream stage's."""
     base = _key(recipe.base, recipe.data.train_rows, recipe.seed)
-    sft = _key(base, recipe.sft, recipe.dtype)
+    evidence = _key(recipe.evidence, recipe.data.train_rows)
+    sft = _key(base, evidence, recipe.sft, recipe.dtype)
     dpo = _key(sft, recipe.dpo)
     gptq = _key(dpo, recipe.quantize)
     evaluate = _key(gptq, recipe.evaluate, recipe.data.eval_rows)
-    return {"base": base, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
+    return {"base": base, "evidence": evidence, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
 
 
 @dataclass
@@ -83,6 +84,10 @@ def run_pipeline(
                     from training.base import build_base
 
                     build_base(stage, recipe.base.build, recipe.seed, recipe.data.train_rows)
+            elif name == "evidence":
+                from training.evidence import run_evidence_stage
+
+                run_evidence_stage(stage, recipe)
             elif name == "sft":
                 from training.sft import run_sft
 

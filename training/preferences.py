@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from training.data import MedTextRow, case_prompt
+from training.data import MedTextRow
+from training.evidence import CasePrompter
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -71,13 +72,19 @@ def mismatched(rows: Sequence[MedTextRow], mismatch: str, seed: int) -> list[str
 
 @torch.inference_mode()
 def sampled_negatives(
-    model: Any, tokenizer: Any, rows: Sequence[MedTextRow], max_new_tokens: int, seed: int, batch_size: int = 8
+    model: Any,
+    prompter: CasePrompter,
+    rows: Sequence[MedTextRow],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 8,
 ) -> list[str]:
     """The model's own sampled answers, left-padded batches."""
     torch.manual_seed(seed)
+    tokenizer = prompter.tokenizer
     tokenizer.padding_side = "left"
     out: list[str] = []
-    prompts = [case_prompt(tokenizer, r) for r in rows]
+    prompts = [prompter(r) for r in rows]
     for lo in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
@@ -97,7 +104,7 @@ def sampled_negatives(
 
 def preference_pairs(
     rows: Sequence[MedTextRow],
-    tokenizer: Any,
+    prompter: CasePrompter,
     strategy: str,
     model: Any = None,
     max_new_tokens: int = 128,
@@ -112,12 +119,12 @@ def preference_pairs(
     elif strategy == "sampled":
         if model is None:
             raise ValueError("sampled negatives need the SFT model")
-        rejected = sampled_negatives(model, tokenizer, rows, max_new_tokens, seed)
+        rejected = sampled_negatives(model, prompter, rows, max_new_tokens, seed)
     else:
         raise ValueError(f"unknown negatives strategy {strategy!r}")
     return [
         {
-            "prompt": case_prompt(tokenizer, r),
+            "prompt": prompter(r),
             "chosen": r.completion,
             "rejected": neg,
         }

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from training.config import Recipe
-from training.data import case_prompt, train_rows
+from training.data import train_rows
+from training.evidence import CasePrompter, case_prompter
 from training.hf import load_tokenizer
 from training.stages import Stage, write_json
 
@@ -31,9 +32,9 @@ def _scratch_cwd() -> Iterator[None]:
             os.chdir(old)
 
 
-def calibration_texts(tokenizer: object, limit: int, train_limit: int | None) -> list[str]:
+def calibration_texts(prompter: CasePrompter, limit: int, train_limit: int | None) -> list[str]:
     rows = train_rows(train_limit)[:limit]
-    return [case_prompt(tokenizer, r) + r.completion for r in rows]
+    return [prompter(r) + r.completion for r in rows]
 
 
 def run_quantize(stage: Stage, dpo_stage: Path, recipe: Recipe) -> Path:
@@ -45,7 +46,9 @@ def run_quantize(stage: Stage, dpo_stage: Path, recipe: Recipe) -> Path:
     cfg = recipe.quantize
     work = stage.begin_fresh()
     tokenizer = load_tokenizer(dpo_stage)
-    texts = calibration_texts(tokenizer, cfg.calibration_rows, recipe.data.train_rows)
+    texts = calibration_texts(
+        case_prompter(tokenizer, recipe, stage.work), cfg.calibration_rows, recipe.data.train_rows
+    )
     write_json(
         work / "calibration_ids.json", [r.id for r in train_rows(recipe.data.train_rows)[: cfg.calibration_rows]]
     )

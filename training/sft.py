@@ -10,14 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.config import Recipe
-from training.data import MedTextRow, case_prompt, train_rows
+from training.data import MedTextRow, train_rows
+from training.evidence import CasePrompter, case_prompter
 from training.hf import common_args, load_model, load_tokenizer, train_resumable
 from training.pipeline import model_dir
 from training.stages import Stage, write_json
 
 
-def sft_examples(tokenizer: object, rows: list[MedTextRow]) -> list[dict[str, str]]:
-    return [{"prompt": case_prompt(tokenizer, r), "completion": r.completion} for r in rows]
+def sft_examples(prompter: CasePrompter, rows: list[MedTextRow]) -> list[dict[str, str]]:
+    return [{"prompt": prompter(r), "completion": r.completion} for r in rows]
 
 
 def run_sft(stage: Stage, base_stage: Path, recipe: Recipe) -> Path:
@@ -53,7 +54,7 @@ def run_sft(stage: Stage, base_stage: Path, recipe: Recipe) -> Path:
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(sft_examples(tokenizer, rows)),
+        train_dataset=Dataset.from_list(sft_examples(case_prompter(tokenizer, recipe, stage.work), rows)),
         processing_class=tokenizer,
     )
     steps = train_resumable(trainer, tokenizer, work, "sft")

@@ -8,29 +8,62 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from app.engine import GenerationResult, SamplingParams
+from app.evidence import Passage
 from app.routes import ERRORS, STREAMED, serving
+from app.safety import Triage, compose
 from app.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
 from app.serving import Serving, new_id, sse
 
 router = APIRouter(tags=["clinical"])
 
 
-def _summary(svc: Serving, req: AskRequest, rid: str, result: GenerationResult, t0: float) -> dict[str, Any]:
+def _summary(
+    svc: Serving,
+    req: AskRequest,
+    rid: str,
+    triage: Triage,
+    result: GenerationResult | None,
+    t0: float,
+    passages: list[Passage] | None = None,
+) -> dict[str, Any]:
+    if result is None:  # refused by the rule layer: no model call, nothing to score
+        body, perplexity, quality, finish = svc.safety_refusal(), None, None, "refused"
+        prompt_tokens = completion_tokens = 0
+    else:
+        q = svc.quality(result.text, req.question, result.score.perplexity)
+        body, perplexity, quality = (
+            svc.shown_answer(result.text, q, passages),
+            round(result.score.perplexity, 4),
+            q.public(),
+        )
+        finish = "stop" if result.finish_reason == "stop" else "length"
+        prompt_tokens, completion_tokens = result.prompt_tokens, len(result.token_ids)
     return AskResponse(
         id=rid,
-        answer=result.text.strip(),
+        answer=compose(triage.prefix, body),
         role=req.role,
-        perplexity=round(result.score.perplexity, 4),
+        perplexity=perplexity,
         usage=Usage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=len(result.token_ids),
-            total_tokens=result.prompt_tokens + len(result.token_ids),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
         ),
-        finish_reason="stop" if result.finish_reason == "stop" else "length",
+        finish_reason=finish,
+        triage=triage.public(),
+        quality=quality,
+        citations=[p.citation() for p in passages or []],
         model=svc.model_name,
         disclaimer=DISCLAIMER,
         latency_ms=round((time.perf_counter() - t0) * 1000, 1),
     ).model_dump()
+
+
+def advice_events(triage: Triage) -> list[str]:
+    """What a stream sends before any model text: the triage, then the fixed advice as text."""
+    events = [sse(triage.public(), "triage")]
+    if triage.prefix:
+        events.append(sse({"text": triage.prefix + "\n\n"}, "token"))
+    return events
 
 
 @router.post(
@@ -39,33 +72,45 @@ def _summary(svc: Serving, req: AskRequest, rid: str, result: GenerationResult, 
     responses={
         **ERRORS,
         200: {
-            "description": "The answer; with stream=true, Server-Sent Events (token events, then a summary event)",
+            "description": "The answer; with stream=true, Server-Sent Events: one `triage` event, the fixed safety "
+            "advice and the answer as `token` events, then a `summary` event (the object above)",
             **STREAMED,
         },
     },
-    summary="Answer a clinical question in a role",
+    summary="Answer a clinical question in a role, with triage, cited evidence and a quality gate",
 )
 async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     t0 = time.perf_counter()
-    engine, _ = svc.require_ready()
-    prompt = engine.encode_question(req.question, req.role)
-    svc.check_context(len(prompt), req.max_new_tokens, "max_new_tokens")
-    params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.seed)
+    svc.require_ready()
+    triage = svc.triage(req.question)
     rid = new_id("ask")
+    if not triage.in_scope:  # the rule layer is sure: no model call
+        svc.note(request, 0, 0, question=req.question, role=req.role)
+        summary = _summary(svc, req, rid, triage, None, t0)
+        if req.stream:
+            return svc.events(
+                [*advice_events(triage), sse({"text": summary["answer"]}, "token"), sse(summary, "summary")]
+            )
+        return summary
+    prompt, passages = svc.prompt(
+        req.question, req.role, req.max_new_tokens, "max_new_tokens", req.evidence, req.evidence_k
+    )
+    params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.seed)
     if req.stream:
         return svc.stream(
             request,
             prompt,
             params,
             on_piece=lambda piece: sse({"text": piece}, "token"),
-            on_done=lambda result: [sse(_summary(svc, req, rid, result, t0), "summary")],
+            on_done=lambda result: [sse(_summary(svc, req, rid, triage, result, t0, passages), "summary")],
             audit={"question": req.question, "role": req.role},
+            preamble=advice_events(triage),
         )
     result = await svc.generate(request, prompt, params)
     svc.note(
         request, result.prompt_tokens, len(result.token_ids), question=req.question, role=req.role, answer=result.text
     )
-    return _summary(svc, req, rid, result, t0)
+    return _summary(svc, req, rid, triage, result, t0, passages)
 
 
 @router.get("/roles", summary="Configured specialties (free-text roles up to 64 characters are accepted too)")

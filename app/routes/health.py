@@ -49,6 +49,22 @@ async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     engine, scheduler = svc.require_ready()
     out = engine.info()
     out["model"] = svc.model_name
+    if svc.safety is not None:
+        out["safety"] = svc.safety.info()
+    k, max_tokens = svc.evidence_contract()
+    out["evidence"] = {
+        "enabled": svc.evidence is not None,
+        "note": svc.evidence_note,
+        "k": k,
+        "max_tokens": max_tokens,
+        "pack": svc.evidence.info() if svc.evidence is not None else None,
+        "trained_with": (engine.manifest.get("recipe") or {}).get("evidence"),
+    }
+    gen = engine.manifest.get("heldout_generation") or {}
+    out["quality_gate"] = {
+        "perplexity_reference_rows": gen.get("rows"),
+        "heldout_degenerate_rate": gen.get("degenerate_rate"),
+    }
     if engine.manifest.get("recipe", {}).get("base", {}).get("path") is None:  # built from scratch here
         params = engine.manifest.get("parameters")
         out["about"] = ABOUT.format(params=f"{params / 1e6:.1f}M" if params else "a few million")

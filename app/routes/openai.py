@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
 from app.prompting import DEFAULT_ROLE, role_problem
 from app.routes import ERRORS, STREAMED, serving
+from app.safety import compose
 from app.schemas import ChatCompletionRequest, CompletionRequest, openai_usage
 from app.serving import ApiError, Serving, new_id, sse
 
@@ -43,7 +44,13 @@ async def models(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
 
 
 @router.post(
-    "/chat/completions", responses={**ERRORS, 200: STREAMED}, summary="OpenAI chat completions (system message = role)"
+    "/chat/completions",
+    responses={**ERRORS, 200: STREAMED},
+    summary="OpenAI chat completions (system message = role)",
+    description="Beside OpenAI's fields the response carries `triage` (the deterministic red-flag layer: level, "
+    "flags, rules_version, in_scope, advice) and `quality` (the answer quality gate); streams carry both in the "
+    "final chunk, with `citations` (the evidence in the prompt). Emergency and crisis advice opens the message content (the first streamed chunk). "
+    "A question outside medicine is refused without a model call (`finish_reason: content_filter`).",
 )
 async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
@@ -55,54 +62,88 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     if len(question) > 4000:
         raise ApiError(400, "invalid_request_error", "the user message must be at most 4000 characters", "messages")
     role = role_from_system(system)
-    prompt = engine.encode_question(question, role)
+    # every user turn is triaged: an emergency said earlier in the chat is still one
+    triage = svc.triage("\n".join(users))
+    cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
+    if not triage.in_scope:
+        svc.note(request, 0, 0, question=question, role=role)
+        content = compose(triage.prefix, svc.safety_refusal())
+        extra = {"triage": triage.public(), "quality": None, "citations": []}
+        if req.stream:
+            first = _chunk(cid, created, model, {"role": "assistant", "content": content})
+            final = {**_chunk(cid, created, model, {}, "content_filter"), "usage": openai_usage(0, 0), **extra}
+            return svc.events([sse(first), sse(final), "data: [DONE]\n\n"])
+        return _chat_body(cid, created, model, content, "content_filter", openai_usage(0, 0), extra)
     max_new = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if max_new is None:
-        max_new = max(1, min(svc.settings.max_new_tokens_default, engine.context_length - len(prompt)))
-    svc.check_context(len(prompt), max_new, param)
+        bare = len(engine.encode_question(question, role))
+        max_new = max(1, min(svc.settings.max_new_tokens_default, engine.context_length - bare))
+    prompt, passages = svc.prompt(question, role, max_new, param)
+    citations = [p.citation() for p in passages]
     params = SamplingParams(max_new, req.temperature, req.top_p, req.seed)
-    cid, created = new_id("chatcmpl"), int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": svc.model_name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        }
+    def extra(result: GenerationResult) -> tuple[str, dict[str, Any]]:
+        quality = svc.quality(result.text, question, result.score.perplexity)
+        fields = {"triage": triage.public(), "quality": quality.public(), "citations": citations}
+        return svc.shown_answer(result.text, quality, passages), fields
 
     if req.stream:
         first = {"sent": False}
 
-        def on_piece(piece: str) -> str:
-            delta = {"content": piece} if first["sent"] else {"role": "assistant", "content": piece}
+        def delta(content: str) -> dict[str, Any]:
+            out = {"content": content} if first["sent"] else {"role": "assistant", "content": content}
             first["sent"] = True
-            return sse(chunk(delta))
+            return out
+
+        def on_piece(piece: str) -> str:
+            return sse(_chunk(cid, created, model, delta(piece)))
 
         def on_done(result: GenerationResult) -> list[str]:
-            final = chunk({}, _finish(result))
+            final = _chunk(cid, created, model, {}, _finish(result))
             final["usage"] = openai_usage(result.prompt_tokens, len(result.token_ids))
+            final.update(extra(result)[1])
             return [sse(final), "data: [DONE]\n\n"]
 
-        return svc.stream(request, prompt, params, on_piece, on_done, audit={"question": question, "role": role})
+        preamble = [sse(_chunk(cid, created, model, delta(triage.prefix + "\n\n")))] if triage.prefix else []
+        return svc.stream(
+            request, prompt, params, on_piece, on_done, audit={"question": question, "role": role}, preamble=preamble
+        )
     result = await svc.generate(request, prompt, params)
     svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, role=role, answer=result.text)
+    body, fields = extra(result)
+    usage = openai_usage(result.prompt_tokens, len(result.token_ids))
+    return _chat_body(cid, created, model, compose(triage.prefix, body), _finish(result), usage, fields)
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def _chat_body(
+    cid: str, created: int, model: str, content: str, finish: str, usage: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created,
-        "model": svc.model_name,
+        "model": model,
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text.strip()},
-                "finish_reason": _finish(result),
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish,
                 "logprobs": None,
             }
         ],
-        "usage": openai_usage(result.prompt_tokens, len(result.token_ids)),
+        "usage": usage,
+        **extra,
     }
 
 

@@ -201,12 +201,13 @@ _ROLE_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def case_prompt(tokenizer: object, row: MedTextRow) -> str:
+def case_prompt(tokenizer: object, row: MedTextRow, evidence: str = "") -> str:
     """The prompt a MedText case is trained, calibrated, evaluated and served under:
-    its question, asked in the role of the specialty that fits it."""
+    its question, asked in the role of the specialty that fits it, after its evidence
+    block when the recipe retrieves evidence (training.evidence.CasePrompter)."""
     from app.prompting import render_prompt
 
-    return render_prompt(tokenizer, row.prompt, role_for_case(row.prompt))
+    return render_prompt(tokenizer, row.prompt, role_for_case(row.prompt), evidence)
 
 
 def role_for_case(text: str) -> str:

@@ -1,0 +1,228 @@
+"""The one place where a role and a question retrieve passages from an evidence
+pack and become the evidence block of a prompt.
+
+Training (retrieval-augmented SFT/DPO), evaluation and serving all call this
+module, so a model is trained under exactly the evidence contract it is served
+under: the same query (role + question), the same top-k with one passage per
+document, the same block format and the same token budget. An evidence pack is
+a folder built by ``python -m training evidence``: ``passages.jsonl``, a BM25
+index written by ``bm25s`` under ``index/``, and ``manifest.json`` with the
+sha256 of every file; it is verified like a checkpoint before it is used.
+Pure Python: no FastAPI import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.manifest import read_manifest, verify_folder
+
+log = logging.getLogger("medask.evidence")
+
+PASSAGES = "passages.jsonl"
+INDEX_DIR = "index"
+PACK_REQUIRED = (PASSAGES, f"{INDEX_DIR}/params.index.json", f"{INDEX_DIR}/vocab.index.json")
+STOPWORDS = "en"
+SNIPPET_CHARS = 600
+DEFAULT_K = 3
+DEFAULT_MAX_TOKENS = 256
+# candidates scored before one-passage-per-document and exclusions cut to k
+_CANDIDATES = 64
+
+
+class EvidenceError(RuntimeError):
+    """The pack cannot be used; the message says exactly why."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    doc_id: str
+    title: str
+    text: str
+    url: str | None
+    source: str
+    focus: tuple[str, ...] = ()
+    score: float = 0.0
+
+    def citation(self) -> dict[str, Any]:
+        snippet = self.text if len(self.text) <= SNIPPET_CHARS else self.text[: SNIPPET_CHARS - 1].rstrip() + "…"
+        return {
+            "id": self.id,
+            "title": self.title,
+            "source": self.source,
+            "url": self.url,
+            "score": round(self.score, 4),
+            "snippet": snippet,
+        }
+
+
+def query_for(role: str, question: str) -> str:
+    """What is searched: the role and the question, as the prompt asks them."""
+    return f"{role} {question}"
+
+
+def tokenize_query(text: str) -> list[str]:
+    import bm25s
+
+    return bm25s.tokenize([text], stopwords=STOPWORDS, show_progress=False, return_ids=False)[0]
+
+
+class EvidencePack:
+    """A verified pack, loaded once; ``retrieve`` is read-only and thread-safe."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], passages: list[Passage], retriever: Any) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.passages = passages
+        self.retriever = retriever
+
+    @classmethod
+    def load(cls, folder: Path) -> EvidencePack:
+        import bm25s
+
+        folder = Path(folder)
+        problems = verify_folder(folder, PACK_REQUIRED, "a MedAsk evidence pack")
+        if problems:
+            raise EvidenceError(f"evidence pack {folder} is not usable: " + "; ".join(problems))
+        manifest = read_manifest(folder)
+        passages = []
+        with (folder / PASSAGES).open(encoding="utf-8") as fh:
+            for line in fh:
+                p = json.loads(line)
+                passages.append(
+                    Passage(p["id"], p["doc_id"], p["title"], p["text"], p.get("url"), p["source"], tuple(p["focus"]))
+                )
+        retriever = bm25s.BM25.load(str(folder / INDEX_DIR), load_corpus=False, show_progress=False)
+        if manifest.get("passages") != len(passages):
+            raise EvidenceError(
+                f"evidence pack {folder}: manifest says {manifest.get('passages')} passages, found {len(passages)}"
+            )
+        return cls(folder, manifest, passages, retriever)
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version") or self.manifest.get("corpus_sha256", "")[:12])
+
+    def retrieve(
+        self,
+        query: str,
+        k: int = DEFAULT_K,
+        exclude_docs: Collection[str] = (),
+        sources: Collection[str] | None = None,
+    ) -> list[Passage]:
+        """The top ``k`` passages for ``query``, one per document, ties broken by index order.
+
+        ``exclude_docs``: documents never returned (a training case's own id).
+        ``sources``: only passages from these sources (evaluation per source).
+        """
+        import numpy as np
+
+        tokens = tokenize_query(query)
+        if not tokens or k <= 0:
+            return []
+        scores = self.retriever.get_scores(tokens)
+        # stable sort on -score: equal scores keep corpus order, so retrieval is deterministic
+        order = np.argsort(-scores, kind="stable")
+        out: list[Passage] = []
+        seen: set[str] = set()
+        limit = _CANDIDATES if sources is None and not exclude_docs else len(order)
+        for i in order[:limit]:
+            score = float(scores[i])
+            if score <= 0:
+                break
+            p = self.passages[int(i)]
+            if p.doc_id in seen or p.doc_id in exclude_docs or (sources is not None and p.source not in sources):
+                continue
+            seen.add(p.doc_id)
+            out.append(Passage(p.id, p.doc_id, p.title, p.text, p.url, p.source, p.focus, score))
+            if len(out) >= k:
+                break
+        return out
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "folder": str(self.folder),
+            "version": self.version,
+            "passages": len(self.passages),
+            "documents": m.get("documents"),
+            "sources": m.get("sources"),
+            "corpus_sha256": m.get("corpus_sha256"),
+        }
+
+
+def evidence_block(
+    passages: Sequence[Passage], count_tokens: Callable[[str], int], max_tokens: int = DEFAULT_MAX_TOKENS
+) -> str:
+    """The evidence as the model reads it, within ``max_tokens`` (the question is never what gets cut).
+
+    Each passage is numbered like its citation; a passage that does not fit is
+    cut at a word boundary, and later ones are dropped.
+    """
+    if not passages or max_tokens <= 0:
+        return ""
+    lines = ["Evidence:"]
+    used = count_tokens(lines[0] + "\n")
+    for n, p in enumerate(passages, 1):
+        line = f"[{n}] {p.title}: {p.text}"
+        cost = count_tokens(line + "\n")
+        if used + cost <= max_tokens:
+            lines.append(line)
+            used += cost
+            continue
+        words = line.split()
+        lo, hi = 0, len(words)
+        while lo < hi:  # the longest prefix of words that fits
+            mid = (lo + hi + 1) // 2
+            if used + count_tokens(" ".join(words[:mid]) + " …\n") <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo > 3:
+            lines.append(" ".join(words[:lo]) + " …")
+        break
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def gather(
+    pack: EvidencePack | None,
+    role: str,
+    question: str,
+    count_tokens: Callable[[str], int],
+    k: int = DEFAULT_K,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    exclude_docs: Collection[str] = (),
+) -> tuple[list[Passage], str]:
+    """Passages for a role and question, and the evidence block the model reads: the one
+    contract training, evaluation and serving share. The block holds at most the passages
+    returned (a passage cut by the budget is still cited; one dropped is not)."""
+    if pack is None or k <= 0:
+        return [], ""
+    passages = pack.retrieve(query_for(role, question), k, exclude_docs)
+    block = evidence_block(passages, count_tokens, max_tokens)
+    shown = block.count("\n[")  # passages that made it into the block
+    return passages[:shown], block
+
+
+def load_pack(folder: Path | None) -> EvidencePack | None:
+    """The pack at ``folder``, or None when no folder is configured or it does not exist."""
+    if folder is None or not Path(folder).exists():
+        return None
+    t0 = time.perf_counter()
+    pack = EvidencePack.load(Path(folder))
+    log.info(
+        "evidence pack loaded",
+        extra={
+            "event": "evidence_loaded",
+            "passages": len(pack.passages),
+            "seconds": round(time.perf_counter() - t0, 2),
+        },
+    )
+    return pack
