@@ -20,9 +20,13 @@ WORKDIR /srv/medask
 COPY constraints.txt pyproject.toml README.md ./
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY app app
-COPY training/__init__.py training/__init__.py
+COPY training training
 RUN PIP_CONSTRAINT=constraints.txt pip install .
 COPY model_artifacts/default /models/medask
+# the evidence pack is rebuilt from the vendored data and must match its committed manifest
+COPY model_artifacts/evidence/manifest.json /models/evidence/manifest.json
+RUN python -m training evidence --default --out /models/evidence
+ENV MEDASK_EVIDENCE_DIR=/models/evidence
 RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache && chown -R medask /home/medask
 USER medask
 EXPOSE 8000
@@ -43,9 +47,13 @@ WORKDIR /srv/medask
 COPY constraints.txt pyproject.toml README.md ./
 RUN pip install torch==2.13.0
 COPY app app
-COPY training/__init__.py training/__init__.py
+COPY training training
 RUN PIP_CONSTRAINT=constraints.txt pip install .
 COPY model_artifacts/default /models/medask
+# the evidence pack is rebuilt from the vendored data and must match its committed manifest
+COPY model_artifacts/evidence/manifest.json /models/evidence/manifest.json
+RUN python -m training evidence --default --out /models/evidence
+ENV MEDASK_EVIDENCE_DIR=/models/evidence
 RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache && chown -R medask /home/medask
 USER medask
 EXPOSE 8000

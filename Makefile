@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: install serve test lint model bench clean
+.PHONY: install evidence serve test lint model bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-serve: install  ## serve model_artifacts/default on http://127.0.0.1:8000
+evidence: install  ## the default evidence pack: verified, or rebuilt from vendored data against its committed manifest
+	$(PY) -m training evidence --default
+
+serve: evidence  ## serve model_artifacts/default (with the default evidence pack) on http://127.0.0.1:8000
 	$(PY) -m app
 
 test: install  ## the whole test suite (what CI runs)
