@@ -164,7 +164,7 @@ class SafetyLayer:
         self.nlp = nlp
         self.matcher = Matcher(nlp.vocab)
         for name, phrases in rules.concepts.items():
-            self.matcher.add(name, [self._pattern(name, p) for p in phrases])
+            self.matcher.add(name, [self._pattern(f"concepts.{name}", p) for p in phrases])
         self.off_topic = Matcher(nlp.vocab)
         self.off_topic.add("off_topic", [self._pattern("scope.off_topic", p) for p in rules.scope.off_topic])
         self.off_topic.add("medical", [self._pattern("scope.medical", p) for p in rules.scope.medical])
@@ -207,7 +207,10 @@ class SafetyLayer:
             if word in _GAPS:
                 tokens.append({"TEXT": {"NOT_IN": [".", "!", "?", ";"]}, "OP": f"{{0,{_GAPS[word]}}}"})
             elif len(word) > 2 and word.startswith("/") and word.endswith("/"):
-                re.compile(word[1:-1])
+                try:
+                    re.compile(word[1:-1])
+                except re.error as exc:
+                    raise ValueError(f"{owner}: phrase {phrase!r}: bad regular expression: {exc}") from None
                 tokens.append({"LOWER": {"REGEX": f"^(?:{word[1:-1]})$"}})
             elif "|" in word:
                 tokens.append({"LOWER": {"IN": [w.lower() for w in word.split("|") if w]}})

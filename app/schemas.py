@@ -177,6 +177,9 @@ class PerplexityItem(_Request):
     question: str | None = Field(None, description="with answer: score the answer given the role prompt and question")
     answer: str | None = None
     role: str = DEFAULT_ROLE
+    evidence: bool = Field(
+        False, description="with question and answer: score the answer with the retrieved evidence in the prompt"
+    )
 
     _r = field_validator("role")(_clean_role)
 
@@ -185,6 +188,8 @@ class PerplexityItem(_Request):
         if self.text is not None:
             if self.question is not None or self.answer is not None:
                 raise ValueError("give either text, or question and answer, not both")
+            if self.evidence:
+                raise ValueError("evidence goes with question and answer, not text")
             if not self.text.strip():
                 raise ValueError("text must not be empty")
             if len(self.text) > MAX_TEXT_CHARS:
@@ -205,6 +210,7 @@ class PerplexityRequest(_Request):
     question: str | None = None
     answer: str | None = None
     role: str | None = None
+    evidence: bool | None = Field(None, description="single form: score the answer with the retrieved evidence")
     items: list[PerplexityItem] | None = Field(None, min_length=1, max_length=256, description="a batch of items")
     token_logprobs: bool = Field(False, description="include per-token log-probabilities")
 
@@ -225,7 +231,7 @@ class PerplexityRequest(_Request):
 
     @model_validator(mode="after")
     def _single_or_batch(self) -> PerplexityRequest:
-        single = any(v is not None for v in (self.text, self.question, self.answer, self.role))
+        single = any(v is not None for v in (self.text, self.question, self.answer, self.role, self.evidence))
         if self.items is not None and single:
             raise ValueError("give items, or one item's fields, not both")
         if self.items is None:
@@ -233,7 +239,11 @@ class PerplexityRequest(_Request):
                 raise ValueError("give text, question and answer, or items")
             self.items = [
                 PerplexityItem(
-                    text=self.text, question=self.question, answer=self.answer, role=self.role or DEFAULT_ROLE
+                    text=self.text,
+                    question=self.question,
+                    answer=self.answer,
+                    role=self.role or DEFAULT_ROLE,
+                    evidence=bool(self.evidence),
                 )
             ]
         return self

@@ -152,6 +152,9 @@ class Serving:
         """The configured pack (refused when it fails verification), the default one when it
         has been built, or none: then answers carry no citations and /info says why."""
         folder = self.settings.evidence_dir
+        if not self.settings.evidence:
+            self.evidence_note = "evidence retrieval is turned off (MEDASK_EVIDENCE=false)"
+            return None
         if folder is not None:
             if not Path(folder).is_dir():
                 raise EvidenceError(f"MEDASK_EVIDENCE_DIR={folder} does not exist")
@@ -378,7 +381,8 @@ class Serving:
                         return
                     result = fut.result()
                     self._observe(t0, result)
-                    self.note(request, result.prompt_tokens, len(result.token_ids), **(audit or {}), answer=result.text)
+                    # on_done notes the delivered answer's digest: what the client was given
+                    self.note(request, result.prompt_tokens, len(result.token_ids), **(audit or {}))
                     for event in on_done(result):
                         yield event
                     return

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins, or *")
     audit_hashes: bool = Field(False, description="log sha256 of question/answer text (never the text)")
     log_level: str = "INFO"
+    evidence: bool = Field(True, description="false: no retrieval at all (no pack is loaded)")
     evidence_dir: Path | None = Field(
         None, description="evidence pack; default: model_artifacts/evidence when it has been built"
     )

@@ -81,7 +81,14 @@ def start_server(checkpoint: Path, log_path: Path, wait_ready: bool = True, **en
     import httpx
 
     port = free_port()
-    full_env = {**os.environ, "MEDASK_MODEL_DIR": str(checkpoint), "MEDASK_PORT": str(port), **env}
+    # no evidence unless a test asks for it: the default pack may or may not be built on this machine
+    full_env = {
+        **os.environ,
+        "MEDASK_MODEL_DIR": str(checkpoint),
+        "MEDASK_PORT": str(port),
+        "MEDASK_EVIDENCE": "false",
+        **env,
+    }
     log_fh = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app"], cwd=ROOT, env=full_env, stdout=log_fh, stderr=subprocess.STDOUT
@@ -111,11 +118,19 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(ci_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def ci_pack(ci_run: dict[str, Path]) -> Path:
+    """The evidence pack the ci recipe built and trained with."""
+    return ci_run["work"] / "evidence" / "pack"
+
+
+@pytest.fixture(scope="session")
+def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     srv = start_server(
         ci_checkpoint,
         log_path,
+        MEDASK_EVIDENCE="true",
+        MEDASK_EVIDENCE_DIR=str(ci_pack),
         MEDASK_API_KEYS=",".join(API_KEYS),
         MEDASK_QUEUE_SIZE="32",
         MEDASK_MAX_BATCH_SIZE="8",

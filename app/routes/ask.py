@@ -86,7 +86,7 @@ async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends
     rid = new_id("ask")
     if not triage.in_scope:  # the rule layer is sure: no model call
         svc.note(request, 0, 0, question=req.question, role=req.role)
-        summary = _summary(svc, req, rid, triage, None, t0)
+        summary = _delivered(svc, request, _summary(svc, req, rid, triage, None, t0))
         if req.stream:
             return svc.events(
                 [*advice_events(triage), sse({"text": summary["answer"]}, "token"), sse(summary, "summary")]
@@ -102,15 +102,21 @@ async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends
             prompt,
             params,
             on_piece=lambda piece: sse({"text": piece}, "token"),
-            on_done=lambda result: [sse(_summary(svc, req, rid, triage, result, t0, passages), "summary")],
+            on_done=lambda result: [
+                sse(_delivered(svc, request, _summary(svc, req, rid, triage, result, t0, passages)), "summary")
+            ],
             audit={"question": req.question, "role": req.role},
             preamble=advice_events(triage),
         )
     result = await svc.generate(request, prompt, params)
-    svc.note(
-        request, result.prompt_tokens, len(result.token_ids), question=req.question, role=req.role, answer=result.text
-    )
-    return _summary(svc, req, rid, triage, result, t0, passages)
+    svc.note(request, result.prompt_tokens, len(result.token_ids), question=req.question, role=req.role)
+    return _delivered(svc, request, _summary(svc, req, rid, triage, result, t0, passages))
+
+
+def _delivered(svc: Serving, request: Request, summary: dict[str, Any]) -> dict[str, Any]:
+    """The audit digest is of the answer the client was given (advice and gate included)."""
+    svc.note(request, 0, 0, answer=summary["answer"])
+    return summary
 
 
 @router.get("/roles", summary="Configured specialties (free-text roles up to 64 characters are accepted too)")

@@ -66,8 +66,8 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     triage = svc.triage("\n".join(users))
     cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
     if not triage.in_scope:
-        svc.note(request, 0, 0, question=question, role=role)
         content = compose(triage.prefix, svc.safety_refusal())
+        svc.note(request, 0, 0, question=question, role=role, answer=content)
         extra = {"triage": triage.public(), "quality": None, "citations": []}
         if req.stream:
             first = _chunk(cid, created, model, {"role": "assistant", "content": content})
@@ -102,7 +102,9 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
         def on_done(result: GenerationResult) -> list[str]:
             final = _chunk(cid, created, model, {}, _finish(result))
             final["usage"] = openai_usage(result.prompt_tokens, len(result.token_ids))
-            final.update(extra(result)[1])
+            body, fields = extra(result)
+            final.update(fields)
+            svc.note(request, 0, 0, answer=compose(triage.prefix, body))
             return [sse(final), "data: [DONE]\n\n"]
 
         preamble = [sse(_chunk(cid, created, model, delta(triage.prefix + "\n\n")))] if triage.prefix else []
@@ -110,10 +112,11 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
             request, prompt, params, on_piece, on_done, audit={"question": question, "role": role}, preamble=preamble
         )
     result = await svc.generate(request, prompt, params)
-    svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, role=role, answer=result.text)
     body, fields = extra(result)
+    content = compose(triage.prefix, body)
+    svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, role=role, answer=content)
     usage = openai_usage(result.prompt_tokens, len(result.token_ids))
-    return _chat_body(cid, created, model, compose(triage.prefix, body), _finish(result), usage, fields)
+    return _chat_body(cid, created, model, content, _finish(result), usage, fields)
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -209,6 +212,7 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
             )
 
         def on_done(result: GenerationResult) -> list[str]:
+            svc.note(request, 0, 0, answer=result.text)
             return [
                 sse(
                     {

@@ -11,7 +11,7 @@ from app.prompting import render_prompt
 from app.routes import ERRORS, serving
 from app.schemas import PerplexityRequest, PerplexityResponse, PerplexityResult
 from app.scoring import encode_for_scoring
-from app.serving import Serving
+from app.serving import EVIDENCE_FRAME_TOKENS, ApiError, Serving
 
 router = APIRouter(tags=["scoring"])
 
@@ -26,7 +26,24 @@ async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Se
         if item.text is not None:
             context, target = None, item.text
         else:
-            context, target = render_prompt(engine.tokenizer, item.question or "", item.role), item.answer or ""
+            question, target = item.question or "", item.answer or ""
+            context = render_prompt(engine.tokenizer, question, item.role)
+            if item.evidence:  # the prompt /ask would build, evidence block included
+                if svc.evidence is None:
+                    raise ApiError(
+                        400,
+                        "evidence_unavailable",
+                        f"evidence was asked for but {svc.evidence_note}",
+                        f"items[{i}].evidence",
+                    )
+                room = (
+                    engine.context_length
+                    - engine.count_tokens(context)
+                    - engine.count_tokens(target)
+                    - EVIDENCE_FRAME_TOKENS
+                )
+                _, block = svc.retrieve(item.role, question, None, room)
+                context = render_prompt(engine.tokenizer, question, item.role, block)
         encoded = encode_for_scoring(engine.tokenizer, context, target)  # once: checked here, scored as is
         if len(encoded[0]) > engine.context_length:
             svc.check_context(len(encoded[0]), 0, f"items[{i}]")

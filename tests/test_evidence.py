@@ -1,0 +1,182 @@
+"""Evidence packs and retrieval without a model (fast): build, verify, tamper, retrieve,
+the token budget, and the two leakage rules (no held-out row in a pack, no training row
+retrieving its own case)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.evidence import EvidenceError, EvidencePack, Passage, evidence_block, gather
+from training.data import heldout_ids, heldout_rows, train_rows
+from training.evidence import CasePrompter, build_pack, default_corpus, read_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [
+    {
+        "id": "g1",
+        "title": "Chest pain pathway",
+        "text": "Suspected acute coronary syndrome: ECG within 10 minutes, aspirin 300 mg, troponin. " * 30,
+        "url": "https://intranet/g1",
+        "source": "Hospital guidelines",
+    },
+    {
+        "id": "g2",
+        "title": "Sepsis bundle",
+        "text": "Take blood cultures, give antibiotics within one hour, measure lactate, give fluids for hypotension.",
+        "url": None,
+        "source": "Hospital guidelines",
+    },
+    {
+        "id": "g3",
+        "title": "Croup",
+        "text": "Barking cough and stridor in children: oral dexamethasone; nebulised adrenaline for stridor at rest.",
+        "url": "https://intranet/g3",
+        "source": "Paediatrics",
+    },
+]
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "guidelines.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in DOCS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pack_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("packs") / "hospital"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "evidence", "--corpus", str(corpus), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "3 documents" in proc.stdout
+    return out
+
+
+def test_a_pack_from_a_corpus_verifies_and_cites(pack_dir: Path) -> None:
+    pack = EvidencePack.load(pack_dir)
+    manifest = json.loads((pack_dir / "manifest.json").read_text())
+    assert manifest["documents"] == 3 and manifest["passages"] == len(pack.passages) > 3  # g1 is chunked
+    assert set(manifest["files"]) >= {"passages.jsonl", "index/params.index.json"}
+    assert all(p.title == "Chest pain pathway" for p in pack.passages if p.doc_id == "g1")
+    top = pack.retrieve("Emergency Physician crushing chest pain acute coronary syndrome ECG", 3)
+    assert top[0].doc_id == "g1" and top[0].citation()["url"] == "https://intranet/g1"
+    assert len({p.doc_id for p in top}) == len(top)  # one passage per document
+    assert len(top[0].citation()["snippet"]) <= 600
+
+
+def test_retrieval_is_deterministic_and_excludes(pack_dir: Path) -> None:
+    pack = EvidencePack.load(pack_dir)
+    q = "stridor barking cough child hypotension antibiotics"
+    first = [(p.id, p.score) for p in pack.retrieve(q, 3)]
+    assert first == [(p.id, p.score) for p in EvidencePack.load(pack_dir).retrieve(q, 3)]
+    assert "g3" not in {p.doc_id for p in pack.retrieve(q, 3, exclude_docs={"g3"})}
+    assert {p.source for p in pack.retrieve(q, 3, sources={"Paediatrics"})} == {"Paediatrics"}
+    assert pack.retrieve("zzzz qqqq", 3) == []
+
+
+def test_rebuilding_gives_the_same_bytes(corpus: Path, pack_dir: Path, tmp_path: Path) -> None:
+    again = build_pack(read_corpus(corpus), tmp_path / "again", "hospital")
+    assert again["files"] == json.loads((pack_dir / "manifest.json").read_text())["files"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("{not json", ":1: not valid JSON"), ('{"id": "a", "title": "t", "source": "s"}', ":1: 'text' must be")],
+)
+def test_a_malformed_corpus_is_a_one_line_error(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "evidence", "--corpus", str(path), "--out", str(tmp_path / "p")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_tampered_pack_is_refused(pack_dir: Path, tmp_path: Path) -> None:
+    altered = _copy(pack_dir, tmp_path / "altered")
+    text = (altered / "passages.jsonl").read_text().replace("dexamethasone", "dexamethasonE")
+    (altered / "passages.jsonl").write_text(text)
+    with pytest.raises(EvidenceError, match=r"passages\.jsonl fails its sha256"):
+        EvidencePack.load(altered)
+    extra = _copy(pack_dir, tmp_path / "extra")
+    (extra / "index" / "extra.npy").write_bytes(b"x")
+    with pytest.raises(EvidenceError, match=r"index/extra\.npy is a file the manifest does not list"):
+        EvidencePack.load(extra)
+    linked = _copy(pack_dir, tmp_path / "linked")
+    (linked / "passages.jsonl").unlink()
+    (linked / "passages.jsonl").symlink_to(pack_dir / "passages.jsonl")
+    with pytest.raises(EvidenceError, match="symbolic link"):
+        EvidencePack.load(linked)
+
+
+def test_the_token_budget_cuts_evidence_never_the_question() -> None:
+    huge = Passage("p1", "d1", "Huge", "word " * 5000, None, "s")
+    small = Passage("p2", "d2", "Small", "short text", None, "s")
+    block = evidence_block([huge, small], words, 50)
+    assert words(block) <= 50 and block.startswith("Evidence:\n[1] Huge:") and "[2]" not in block
+    assert evidence_block([huge], words, 0) == ""
+    # a small budget still fits whole small passages, in order
+    assert evidence_block([small, huge], words, 12).count("\n[") >= 1
+
+
+def test_gather_cites_only_what_the_model_saw(pack_dir: Path) -> None:
+    pack = EvidencePack.load(pack_dir)
+    q = "chest pain sepsis stridor"
+    passages, block = gather(pack, "Emergency Physician", q, words, k=3, max_tokens=40)
+    assert block.count("\n[") == len(passages) >= 1
+    all_three, _ = gather(pack, "Emergency Physician", q, words, k=3, max_tokens=2000)
+    assert len(all_three) == 3
+    assert gather(None, "GP", q, words) == ([], "")
+
+
+def test_no_heldout_row_is_in_the_default_corpus() -> None:
+    docs = default_corpus(medquad_docs=500)
+    ids = {d["id"] for d in docs}
+    assert not ids & heldout_ids()
+    assert {r.id for r in train_rows()} <= ids
+    texts = "\n".join(d["text"] for d in docs)
+    assert not any(r.prompt in texts for r in heldout_rows())
+
+
+def test_no_training_row_retrieves_its_own_case(tmp_path: Path) -> None:
+    rows = train_rows(40)
+    build_pack(default_corpus(medquad_docs=200, medtext_rows=40), tmp_path / "p", "t")
+    pack = EvidencePack.load(tmp_path / "p")
+    prompter = CasePrompter(tokenizer=None, pack=pack, k=3, max_tokens=10_000)
+    prompter.count_tokens = words  # type: ignore[method-assign]  # counting is all this needs of a tokenizer
+    own = 0
+    for row in rows:
+        cited, _ = prompter.evidence(row)
+        assert row.id not in {p.doc_id for p in cited}
+        # without the exclusion the case itself is the best match: the rule is what keeps it out
+        own += pack.retrieve(row.prompt, 1)[0].doc_id == row.id
+    assert own >= len(rows) * 0.8

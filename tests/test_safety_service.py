@@ -1,0 +1,169 @@
+"""Triage, the quality gate and cited evidence through the live server on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MARKER, Server, start_server, stop_server
+
+EMERGENCY = (
+    f"{MARKER} A 58-year-old man has crushing chest pain radiating to the left arm for 40 minutes, with sweating."
+)
+
+
+def post(server: Server, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{server.base}{path}", json=body, headers=server.headers(), timeout=120, **kw)
+
+
+def sse_events(server: Server, path: str, body: dict) -> list[tuple[str | None, str]]:
+    events: list[tuple[str | None, str]] = []
+    with httpx.stream("POST", f"{server.base}{path}", json=body, headers=server.headers(), timeout=120) as r:
+        assert r.status_code == 200
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, line[6:]))
+                event = None
+    return events
+
+
+def test_ask_puts_rule_advice_first_and_cites_evidence(server: Server) -> None:
+    body = post(server, "/ask", {"question": EMERGENCY, "role": "Cardiologist", "max_new_tokens": 16}).json()
+    triage = body["triage"]
+    assert triage["level"] == "emergency" and "acute_coronary_syndrome" in [f["id"] for f in triage["flags"]]
+    assert triage["rules_version"] and triage["advice"].startswith("EMERGENCY")
+    assert body["answer"].startswith(triage["advice"] + "\n\n")
+    assert body["citations"] and all(
+        {"id", "title", "source", "url", "score", "snippet"} <= set(c) for c in body["citations"]
+    )
+    assert body["quality"]["perplexity_percentile"] is not None
+    if body["quality"]["degenerate"]:  # the tiny model: said plainly, with the evidence to read instead
+        assert "No reliable answer was produced" in body["answer"] and "Evidence you can check" in body["answer"]
+
+
+def test_streamed_ask_sends_triage_then_advice_before_any_model_text(server: Server) -> None:
+    events = sse_events(server, "/ask", {"question": EMERGENCY, "max_new_tokens": 8, "stream": True})
+    assert events[0][0] == "triage"
+    triage = json.loads(events[0][1])
+    assert events[1][0] == "token" and json.loads(events[1][1])["text"] == triage["advice"] + "\n\n"
+    summary = json.loads(events[-1][1])
+    assert events[-1][0] == "summary" and summary["answer"].startswith(triage["advice"])
+    assert summary["citations"] and summary["quality"] is not None
+
+
+def test_chat_puts_advice_first_plain_and_streamed(server: Server) -> None:
+    messages = [{"role": "system", "content": "Cardiologist"}, {"role": "user", "content": EMERGENCY}]
+    body = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 8}).json()
+    advice = body["triage"]["advice"]
+    assert body["triage"]["level"] == "emergency"
+    assert body["choices"][0]["message"]["content"].startswith(advice + "\n\n")
+    assert body["citations"] and "quality" in body
+    events = sse_events(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "stream": True})
+    chunks = [json.loads(d) for _, d in events if d != "[DONE]"]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": advice + "\n\n"}
+    assert chunks[-1]["triage"]["level"] == "emergency" and chunks[-1]["citations"]
+
+
+def test_an_emergency_said_earlier_in_the_chat_is_still_flagged(server: Server) -> None:
+    messages = [
+        {"role": "user", "content": "I want to kill myself."},
+        {"role": "assistant", "content": "I hear you."},
+        {"role": "user", "content": "What should I eat for breakfast?"},
+    ]
+    body = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 4}).json()
+    assert body["triage"]["level"] == "crisis"
+    assert body["choices"][0]["message"]["content"].startswith("CRISIS")
+
+
+def test_out_of_scope_is_refused_without_a_model_call(server: Server) -> None:
+    def generated() -> float:
+        text = httpx.get(f"{server.base}/metrics", headers=server.headers()).text
+        return float(
+            next(line.split()[-1] for line in text.splitlines() if line.startswith("medask_generation_tokens_total"))
+        )
+
+    before = generated()
+    body = post(server, "/ask", {"question": "How do I fix the transmission in my car?"}).json()
+    assert body["finish_reason"] == "refused" and body["perplexity"] is None and body["quality"] is None
+    assert body["triage"]["in_scope"] is False and "outside the scope" in body["answer"]
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Write me a poem."}]}).json()
+    assert chat["choices"][0]["finish_reason"] == "content_filter"
+    events = sse_events(server, "/ask", {"question": "What is the capital of Australia?", "stream": True})
+    assert [e for e, _ in events] == ["triage", "token", "summary"]
+    assert generated() == before
+
+
+def test_evidence_can_be_turned_off_and_sized(server: Server) -> None:
+    q = {"question": "Barking cough and stridor in a 3-year-old: treatment?", "max_new_tokens": 4}
+    assert post(server, "/ask", {**q, "evidence": False}).json()["citations"] == []
+    assert len(post(server, "/ask", {**q, "evidence_k": 1}).json()["citations"]) <= 1
+    with_ev = post(server, "/ask", q).json()
+    without = post(server, "/ask", {**q, "evidence": False}).json()
+    assert with_ev["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+
+
+def test_perplexity_can_score_with_the_evidence_in_context(server: Server) -> None:
+    item = {"question": "Fever and a rash that does not fade?", "answer": "Meningococcal sepsis: give antibiotics."}
+    plain = post(server, "/perplexity", item).json()["results"][0]
+    grounded = post(server, "/perplexity", {**item, "evidence": True}).json()["results"][0]
+    assert plain["tokens"] == grounded["tokens"] and plain["perplexity"] != grounded["perplexity"]
+    assert post(server, "/perplexity", {"text": "x", "evidence": True}).status_code == 422
+
+
+def test_info_metrics_and_logs_say_what_happened_without_text(server: Server) -> None:
+    info = httpx.get(f"{server.base}/info", headers=server.headers()).json()
+    assert info["safety"]["rules_version"] and info["evidence"]["enabled"] is True
+    assert info["evidence"]["pack"]["passages"] > 0 and info["evidence"]["k"] == info["evidence"]["trained_with"]["k"]
+    post(server, "/ask", {"question": EMERGENCY, "max_new_tokens": 2})
+    metrics = httpx.get(f"{server.base}/metrics", headers=server.headers()).text
+    assert 'medask_triage_flags_total{flag="acute_coronary_syndrome",level="emergency"}' in metrics
+    assert "medask_evidence_retrieval_seconds_count" in metrics and "medask_triage_seconds_count" in metrics
+    assert MARKER not in metrics and MARKER not in server.log_text()
+
+
+def test_service_without_a_pack_says_so(ci_checkpoint: Path, tmp_path: Path) -> None:
+    srv = start_server(ci_checkpoint, tmp_path / "s.log", MEDASK_EVIDENCE="false")
+    try:
+        info = httpx.get(f"{srv.base}/info").json()
+        assert info["evidence"]["enabled"] is False and "MEDASK_EVIDENCE=false" in info["evidence"]["note"]
+        body = httpx.post(f"{srv.base}/ask", json={"question": "Cough?", "max_new_tokens": 2}).json()
+        assert body["citations"] == []
+        r = httpx.post(f"{srv.base}/ask", json={"question": "Cough?", "evidence": True})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "evidence_unavailable"
+    finally:
+        stop_server(srv)
+
+
+@pytest.mark.parametrize("fault", ["rules", "tampered_pack", "missing_pack"])
+def test_a_broken_rule_file_or_pack_stops_the_service(
+    fault: str, ci_checkpoint: Path, ci_pack: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    env = {"MEDASK_EVIDENCE": "true"}
+    if fault == "rules":
+        rules = tmp_path / "rules.yaml"
+        rules.write_text("version: [unclosed\n")
+        env |= {"MEDASK_SAFETY_RULES": str(rules), "MEDASK_EVIDENCE_DIR": str(ci_pack)}
+        expect = "not valid YAML"
+    elif fault == "tampered_pack":
+        pack = shutil.copytree(ci_pack, tmp_path / "pack")
+        with (pack / "passages.jsonl").open("a") as fh:
+            fh.write("\n")
+        env["MEDASK_EVIDENCE_DIR"] = str(pack)
+        expect = "passages.jsonl"
+    else:
+        env["MEDASK_EVIDENCE_DIR"] = str(tmp_path / "nowhere")
+        expect = "does not exist"
+    srv = start_server(ci_checkpoint, tmp_path / "s.log", **env)
+    try:
+        assert srv.proc.wait(timeout=60) == 3
+        assert expect in srv.log_text()
+    finally:
+        stop_server(srv)
