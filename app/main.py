@@ -81,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         serving.shutdown()
 
-    app = FastAPI(title="MedAsk", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # no slash redirects: a redirect would be built from the client's Host header
+    app = FastAPI(title="MedAsk", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, redirect_slashes=False)
     app.state.serving = serving
     app.state.settings = settings
 
@@ -114,14 +115,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (ask.router, score.router, openai.router, health.router):
         app.include_router(router)
-    if settings.cors_list:
+    app.add_middleware(Gateway, settings=settings, metrics=metrics)
+    if settings.cors_list:  # added last, so outermost: preflights are answered before auth asks for a key
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_list),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
-    app.add_middleware(Gateway, settings=settings, metrics=metrics)
     install_openapi(app, lambda path: is_public(path, settings))
     return app
 

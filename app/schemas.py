@@ -28,8 +28,30 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+def _no_lone_surrogates(value: Any, where: str = "") -> None:
+    """JSON may spell an unpaired UTF-16 surrogate ("\\ud800"); no tokenizer or log can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'a string'} contains an unpaired surrogate (invalid Unicode)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _no_lone_surrogates(k, where)
+            _no_lone_surrogates(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _no_lone_surrogates(v, f"{where}[{i}]")
+
+
 class _Request(BaseModel):
     model_config = _STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _no_lone_surrogates(data)
+        return data
 
 
 class ErrorBody(BaseModel):

@@ -68,7 +68,9 @@ def is_public(path: str, settings: Settings) -> bool:
         return True
     if path == "/metrics":
         return settings.metrics_public
-    return path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")
+    if path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        return settings.docs_are_public
+    return False
 
 
 def key_id(key: str) -> str:
@@ -169,9 +171,25 @@ class Gateway:
                 await reply(413, "request_too_large", f"request body exceeds the {limit}-byte limit")
                 return
             seen = 0
+            buffered: list[Message] = []
+            if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+                # a chunked body has no declared size: read it (up to the limit) before any parser sees it,
+                # so an over-limit body is a 413 like a sized one, not a parse error
+                while True:
+                    message = await receive()
+                    buffered.append(message)
+                    if message["type"] != "http.request":
+                        break
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise _BodyTooLarge
+                    if not message.get("more_body", False):
+                        break
 
             async def receive_limited() -> Message:
                 nonlocal seen
+                if buffered:
+                    return buffered.pop(0)
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))

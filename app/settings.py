@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.prompting import SPECIALTIES
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     api_keys: str = Field("", description="comma-separated bearer keys; empty disables auth")
     metrics_public: bool = False
+    docs_public: bool | None = Field(
+        None, description="serve /docs, /redoc and /openapi.json without a key; default: only when no keys are set"
+    )
     cors_origins: str = Field("", description="comma-separated origins, or *")
     audit_hashes: bool = Field(False, description="log sha256 of question/answer text (never the text)")
     log_level: str = "INFO"
@@ -51,6 +54,18 @@ class Settings(BaseSettings):
     emergency_number: str = Field("911", min_length=1, description="said in emergency advice")
     crisis_line: str = Field("988 (call or text)", min_length=1, description="said in crisis advice")
     roles: str = Field(",".join(SPECIALTIES), description="comma-separated specialties listed at /roles")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_present_means_keys(cls, v: str) -> str:
+        # a setting that is there but names no key must not silently turn auth off
+        if v and not any(k.strip() for k in v.split(",")):
+            raise ValueError("is set but holds no key (only commas or spaces); unset it to run without auth")
+        return v
+
+    @property
+    def docs_are_public(self) -> bool:
+        return self.docs_public if self.docs_public is not None else not self.keys
 
     @cached_property
     def keys(self) -> tuple[str, ...]:

@@ -136,6 +136,7 @@ def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPath
         MEDASK_MAX_BATCH_SIZE="8",
         MEDASK_BATCH_WAIT_MS="50",
         MEDASK_MAX_BODY_BYTES="65536",
+        MEDASK_CORS_ORIGINS="https://clinic.example",
     )
     assert srv.proc.poll() is None, f"server died:\n{srv.log_text()[-3000:]}"
     yield srv

@@ -174,10 +174,11 @@ def test_negative_strategies(ci_run: dict[str, Path]) -> None:
 
     from training.data import train_rows
     from training.hf import load_tokenizer
+    from training.evidence import CasePrompter
     from training.preferences import preference_pairs
 
     rows = train_rows(4)
-    tok = load_tokenizer(ci_run["work"] / "sft")
+    tok = CasePrompter(load_tokenizer(ci_run["work"] / "sft"))  # the prompts without evidence
     model = AutoModelForCausalLM.from_pretrained(ci_run["work"] / "sft")
     space = preference_pairs(rows, tok, "space")
     assert [p["rejected"] for p in space] == [" "] * 4
@@ -208,3 +209,76 @@ def test_half_written_trainer_checkpoint_is_not_resumed_from(tmp_path: Path) -> 
     assert _checkpoint_complete(done) and not _checkpoint_complete(torn)
     (torn / "trainer_state.json").write_text('{"global_st')  # cut mid-write
     assert not _checkpoint_complete(torn)
+
+
+def test_quantize_disabled_publishes_and_serves_the_dpo_model(ci_run: dict[str, Path], tmp_path: Path) -> None:
+    """``quantize.enabled: false`` is honoured end to end: no GPTQ stage runs, the DPO model is
+    evaluated and published, the manifest says so, and the service serves it."""
+    import httpx
+
+    from tests.conftest import start_server, stop_server
+
+    work = tmp_path / "work"
+    shutil.copytree(ci_run["work"], work, ignore=shutil.ignore_patterns("gptq", "eval"))
+    out = tmp_path / "fp"
+    proc = run_training(
+        "run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(work), "--set", "quantize.enabled=false"
+    )
+    assert "[gptq]" in proc.stdout
+    assert json.loads((work / "gptq" / "STAGE_DONE.json").read_text())["skipped"] is True
+    assert not (work / "gptq" / "model.safetensors").exists()
+    m = read_manifest(out)
+    assert m["quantization"] == {"method": None} and set(m["metrics"]) == {"base", "sft", "dpo"}
+    assert m["heldout_per_row"]["stage"] == "dpo"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any(k.endswith("qweight") for k in f.keys())  # noqa: SIM118
+    srv = start_server(out, tmp_path / "s.log")
+    try:
+        info = httpx.get(f"{srv.base}/info").json()
+        assert info["quantization"] == {"quant_method": None} and info["kernel"] == "torch.nn.Linear"
+        r = httpx.post(f"{srv.base}/ask", json={"question": "Cough for a week?", "max_new_tokens": 3}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        stop_server(srv)
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    """``--force`` on an arbitrary folder (a copy of a repo, someone's data) deletes nothing."""
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    (out / ".git").mkdir()
+    proc = run_training(
+        "run", "--recipe", str(CI_RECIPE), "--out", str(out), "--work", str(tmp_path / "w"), "--force", check=False
+    )
+    assert proc.returncode == 2 and "not a published MedAsk checkpoint" in proc.stderr
+    assert (out / "precious.txt").read_text() == "keep me" and (out / ".git").is_dir()
+    assert not (tmp_path / "w").exists()  # refused before any stage ran
+
+
+def test_a_different_checkpoint_is_refused_before_training(ci_run: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    shutil.copytree(ci_run["out"], out)
+    default_recipe = ROOT / "training" / "recipes" / "default.yaml"
+    proc = run_training(
+        "run", "--recipe", str(default_recipe), "--out", str(out), "--work", str(tmp_path / "w"), check=False
+    )
+    assert proc.returncode == 2 and "different checkpoint" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_training_prompts_carry_evidence_but_never_their_own_case(ci_run: dict[str, Path]) -> None:
+    """The ci recipe trains with evidence: every DPO prompt has an evidence block, and none
+    retrieved the case it trains on (its gold answer would be there to copy)."""
+    from training.data import train_rows
+
+    pairs = json.loads((ci_run["work"] / "dpo" / "pairs.json").read_text())
+    rows = train_rows(load_recipe(CI_RECIPE).data.train_rows)
+    assert len(pairs) == len(rows)
+    for row, pair in zip(rows, pairs, strict=True):
+        assert "Evidence:\n[1] " in pair["prompt"] and pair["prompt"].rstrip().endswith("<|assistant|>")
+        assert f"Case: {row.prompt[:60]}" not in pair["prompt"]
+    m = read_manifest(ci_run["out"])
+    assert m["evidence"]["k"] == 2 and m["evidence"]["pack"]["passages"] > 0
+    assert m["metrics"]["gptq"]["no_evidence"]["bits_per_byte"] > 0

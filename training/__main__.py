@@ -79,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     from training.pipeline import run_pipeline
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    from training.data import DataError, load_medtext
+
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.base.path and not (Path(recipe.base.path).expanduser() / "config.json").is_file():
+            raise RecipeError(f"base.path {recipe.base.path} is not a Hugging Face model folder (no config.json there)")
+        load_medtext()  # a malformed data row is named now, not mid-run
         out = Path(args.out)
-        if not args.until:
-            check_destination(out, force=args.force)
-    except (RecipeError, PublishError) as exc:
+        if not args.until:  # refused now, not after hours of training
+            check_destination(out, force=args.force, fingerprint=recipe.fingerprint())
+    except (RecipeError, PublishError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     work = Path(args.work) if args.work else Path("runs") / recipe.name

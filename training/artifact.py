@@ -19,7 +19,7 @@ from typing import Any
 from app.manifest import MANIFEST, file_digests, read_manifest, sha256_file, verify_checkpoint
 from training.config import Recipe
 from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
-from training.pipeline import model_dir
+from training.pipeline import STAGES, model_dir
 
 __all__ = ["PublishError", "check_destination", "publish", "verify_checkpoint"]
 
@@ -51,12 +51,30 @@ def check_destination(out: Path, force: bool = False, fingerprint: str | None = 
         probe.unlink()
     except OSError as exc:
         raise PublishError(f"cannot publish to {out}: {parent} is not writable ({exc.strerror or exc})") from exc
-    if out.exists() and any(out.iterdir()) and not force:
-        if not (out / MANIFEST).is_file():
-            raise PublishError(f"{out} exists and is not a MedAsk checkpoint; use --force to replace it")
-        held = read_manifest(out).get("recipe_fingerprint")
-        if fingerprint is not None and held != fingerprint:
+    if out.exists() and not out.is_dir():
+        raise PublishError(f"cannot publish to {out}: it is a file, not a folder")
+    if out.exists() and any(out.iterdir()):
+        held = _published_fingerprint(out)
+        if held is None:
+            # --force replaces a checkpoint this pipeline published, never an arbitrary folder
+            raise PublishError(
+                f"{out} exists and is not a published MedAsk checkpoint (no manifest written by this pipeline); "
+                "refusing to replace it, with or without --force: choose another --out"
+            )
+        if fingerprint is not None and held != fingerprint and not force:
             raise PublishError(f"{out} already holds a different checkpoint (recipe {held}); use --force to replace it")
+
+
+def _published_fingerprint(folder: Path) -> str | None:
+    """The recipe fingerprint of a checkpoint this pipeline published, or None for any other folder."""
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    held = manifest.get("recipe_fingerprint")
+    return held if isinstance(held, str) else None
 
 
 def _git_commit() -> str | None:
@@ -165,10 +183,10 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
         "heldout_per_row": metrics["per_row"],
         # the service places each served answer's perplexity within this distribution
         "heldout_generation": metrics.get("heldout_generation"),
+        # the evidence contract the model was trained under (k, token budget, which pack) and retrieval quality
+        "evidence": metrics.get("evidence"),
         "dpo": metrics.get("dpo"),
-        "stage_seconds": {
-            name: _stage_info(work, name).get("seconds") for name in ("base", "sft", "dpo", "gptq", "eval")
-        },
+        "stage_seconds": {name: _stage_info(work, name).get("seconds") for name in STAGES},
         "this_run_seconds": run_seconds,
         "libraries": library_versions(),
         "files": file_digests(folder),

@@ -54,7 +54,8 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
 
     chosen: dict[str, list[Score]] = {}
     rejected: dict[str, dict[str, list[Score]]] = {kind: {} for kind in negatives}
-    stages = [s for s in EVAL_STAGES if (work / s).is_dir()]
+    # a stage folder without a model (GPTQ turned off) is not evaluated
+    stages = [s for s in EVAL_STAGES if (model_dir(work / s) / "config.json").is_file()]
     samples: list[dict[str, Any]] = []
     generations: list[dict[str, Any]] = []
     plain: dict[str, list[Score]] = {}

@@ -96,6 +96,8 @@ def run_pipeline(
                 from training.dpo import run_dpo
 
                 run_dpo(stage, Stage(work, "sft").final, recipe)
+            elif name == "gptq" and not recipe.quantize.enabled:
+                stage.finish({"skipped": True, "reason": "quantize.enabled is false: the DPO model is published"})
             elif name == "gptq":
                 from training.quantize import run_quantize
 

@@ -20,13 +20,14 @@ ABOUT = (
 )
 
 
-@router.get("/health", summary="Liveness: 200 while the process works")
+@router.api_route("/health", methods=["GET", "HEAD"], summary="Liveness: 200 while the process works")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get(
+@router.api_route(
     "/ready",
+    methods=["GET", "HEAD"],
     summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded",
     responses={503: {"description": "Not ready, with the reason"}},
 )

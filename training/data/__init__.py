@@ -42,13 +42,31 @@ class MedTextRow:
         return "vignette" if _VIGNETTE.search(self.prompt) else "other"
 
 
+class DataError(ValueError):
+    """A vendored data file that cannot be read; the message names the file and line."""
+
+
 @lru_cache(maxsize=1)
 def load_medtext() -> tuple[MedTextRow, ...]:
     rows = []
-    with MEDTEXT_PATH.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            obj = json.loads(line)
-            rows.append(MedTextRow(f"medtext-{i:04d}", obj["prompt"], obj["completion"]))
+    try:
+        with MEDTEXT_PATH.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                try:
+                    obj = json.loads(line)
+                    prompt, completion = obj["prompt"], obj["completion"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    what = (
+                        f"missing key {exc}"
+                        if isinstance(exc, KeyError)
+                        else "not a JSON object with prompt/completion"
+                    )
+                    raise DataError(f"{MEDTEXT_PATH}:{i + 1}: {what}") from None
+                if not isinstance(prompt, str) or not isinstance(completion, str) or not prompt.strip():
+                    raise DataError(f"{MEDTEXT_PATH}:{i + 1}: prompt and completion must be non-empty strings")
+                rows.append(MedTextRow(f"medtext-{i:04d}", prompt, completion))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{MEDTEXT_PATH} is not UTF-8 text (byte {exc.start})") from None
     return tuple(rows)
 
 

@@ -1,0 +1,63 @@
+"""What retrieved evidence is worth: held-out answer bits per byte of two SFT models from the
+same base, one trained with evidence in its prompts and one without, each scored with and
+without evidence (2 x 2). Trains the no-evidence SFT into ``<work>-noevidence`` (reusing the
+base stage of ``--work``); the evidence-trained SFT is ``<work>/sft``.
+
+    python benchmarks/evidence_gain.py --recipe training/recipes/default.yaml --work runs/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.evidence import EvidencePack  # noqa: E402
+from app.scoring import combine  # noqa: E402
+from benchmarks.common import report  # noqa: E402
+from training.config import load_recipe  # noqa: E402
+from training.data import heldout_rows  # noqa: E402
+from training.evaluate import load_stage_model, score_answers  # noqa: E402
+from training.evidence import CasePrompter  # noqa: E402
+from training.pipeline import run_pipeline  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--recipe", default="training/recipes/default.yaml")
+    ap.add_argument("--work", default="runs/default")
+    ap.add_argument("--rows", type=int, default=None, help="held-out rows to score (default: all)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    plain_work = work.with_name(work.name + "-noevidence")
+    plain_work.mkdir(parents=True, exist_ok=True)
+    if not (plain_work / "base").exists():
+        os.symlink((work / "base").resolve(), plain_work / "base")
+    recipe = load_recipe(args.recipe)
+    plain_recipe = load_recipe(args.recipe, ["evidence.enabled=false"])
+    run_pipeline(plain_recipe, plain_work, until="sft")
+    pack = EvidencePack.load(work / "evidence" / "pack")
+    rows = heldout_rows(args.rows)
+    table = []
+    for name, folder in (("SFT trained with evidence", work / "sft"), ("SFT trained without", plain_work / "sft")):
+        model, tok = load_stage_model(folder)
+        with_ev = combine(
+            score_answers(model, tok, rows, 8, CasePrompter(tok, pack, recipe.evidence.k, recipe.evidence.max_tokens))
+        )
+        without = combine(score_answers(model, tok, rows, 8))
+        table.append(
+            {
+                "model": name,
+                "bits/byte with evidence": round(with_ev.bits_per_byte, 4),
+                "bits/byte without": round(without.bits_per_byte, 4),
+                "with / without": round(with_ev.bits_per_byte / without.bits_per_byte, 3),
+            }
+        )
+    report(f"Evidence gain on {len(rows)} held-out rows (same base, SFT stage)", table)
+
+
+if __name__ == "__main__":
+    main()
