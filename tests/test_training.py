@@ -173,8 +173,8 @@ def test_negative_strategies(ci_run: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
     from training.data import train_rows
-    from training.hf import load_tokenizer
     from training.evidence import CasePrompter
+    from training.hf import load_tokenizer
     from training.preferences import preference_pairs
 
     rows = train_rows(4)
