@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import Engine, GenerationJob, SamplingParams  # noqa: E402
-from app.quality import assess  # noqa: E402
-from benchmarks.common import report  # noqa: E402
-from training.data import heldout_rows, role_for_case  # noqa: E402
+from app.engine import Engine, GenerationJob, SamplingParams
+from app.quality import assess
+from benchmarks.common import report
+from training.data import heldout_rows, role_for_case
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,19 +46,26 @@ def main() -> None:
         ]
         for (qid, q), res in zip(chunk, engine.generate(jobs), strict=True):
             quality = assess(res.text, q, res.score.perplexity)
-            out.append({"id": qid, "question": q, "answer": res.text, "perplexity": res.score.perplexity,
-                        **quality.public()})
+            out.append(
+                {"id": qid, "question": q, "answer": res.text, "perplexity": res.score.perplexity, **quality.public()}
+            )
     rows = []
-    for name, subset in (("triage emergencies+crises", [o for o in out if not o["id"].startswith("medtext")]),
-                         ("held-out MedText", [o for o in out if o["id"].startswith("medtext")])):
+    for name, subset in (
+        ("triage emergencies+crises", [o for o in out if not o["id"].startswith("medtext")]),
+        ("held-out MedText", [o for o in out if o["id"].startswith("medtext")]),
+    ):
         n = len(subset)
-        rows.append({
-            "questions": name,
-            "n": n,
-            "degenerate": round(sum(o["degenerate"] for o in subset) / max(n, 1), 3),
-            "repetitive or loop": round(sum(any(r in ("repetitive", "loop") for r in o["reasons"]) for o in subset) / max(n, 1), 3),
-            "mean repetition": round(sum(o["repetition"] for o in subset) / max(n, 1), 3),
-        })
+        rows.append(
+            {
+                "questions": name,
+                "n": n,
+                "degenerate": round(sum(o["degenerate"] for o in subset) / max(n, 1), 3),
+                "repetitive or loop": round(
+                    sum(any(r in ("repetitive", "loop") for r in o["reasons"]) for o in subset) / max(n, 1), 3
+                ),
+                "mean repetition": round(sum(o["repetition"] for o in subset) / max(n, 1), 3),
+            }
+        )
     report(f"Answer quality gate on {args.checkpoint}", rows)
     if args.save:
         with open(args.save, "w", encoding="utf-8") as fh:

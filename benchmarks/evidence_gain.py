@@ -15,14 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.evidence import EvidencePack  # noqa: E402
-from app.scoring import combine  # noqa: E402
-from benchmarks.common import report  # noqa: E402
-from training.config import load_recipe  # noqa: E402
-from training.data import heldout_rows  # noqa: E402
-from training.evaluate import load_stage_model, score_answers  # noqa: E402
-from training.evidence import CasePrompter  # noqa: E402
-from training.pipeline import run_pipeline  # noqa: E402
+from app.evidence import EvidencePack
+from app.scoring import combine
+from benchmarks.common import report
+from training.config import load_recipe
+from training.data import heldout_rows
+from training.evaluate import load_stage_model, score_answers
+from training.evidence import CasePrompter
+from training.pipeline import run_pipeline
 
 
 def main() -> None:

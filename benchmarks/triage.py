@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.safety import SafetyLayer  # noqa: E402
-from benchmarks.common import report  # noqa: E402
+from app.safety import SafetyLayer
+from benchmarks.common import report
 
 CASES = Path(__file__).resolve().parents[1] / "tests" / "data" / "triage_cases.jsonl"
 
