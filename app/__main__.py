@@ -33,6 +33,7 @@ def main() -> int:
         port=settings.port,
         log_level="warning",
         access_log=False,
+        log_config=None,  # app.security.configure_logging owns every handler: one JSON line per record
         timeout_graceful_shutdown=10,
     )
     return 0

@@ -49,17 +49,28 @@ class JsonFormatter(logging.Formatter):
         out.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
         if record.exc_info and record.exc_info[0] is not None:
             out["exc_type"] = record.exc_info[0].__name__
+            out["traceback"] = self.formatException(record.exc_info)  # inside the one JSON line
         return json.dumps(out, default=str)
 
 
+# ours and uvicorn's: each gets the one JSON handler and stops there, so a handler that a
+# library adds to the root logger later (model loading does) never prints a record twice
+JSON_LOGGERS = ("medask", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def configure_logging(level: str) -> None:
-    root = logging.getLogger("medask")
-    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = True
+    for name in JSON_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
+            for h in list(logger.handlers):  # uvicorn's own plain-text handlers
+                logger.removeHandler(h)
+            if name in ("medask", "uvicorn"):
+                handler = logging.StreamHandler(sys.stderr)
+                handler.setFormatter(JsonFormatter())
+                logger.addHandler(handler)
+        # uvicorn.error / uvicorn.access reach the "uvicorn" handler by propagation, and stop there
+        logger.propagate = name not in ("medask", "uvicorn")
+    logging.getLogger("medask").setLevel(level.upper())
 
 
 def is_public(path: str, settings: Settings) -> bool:

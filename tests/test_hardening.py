@@ -97,3 +97,19 @@ def test_an_over_limit_chunked_body_is_a_413(server: Server) -> None:
         headers={**server.headers(), "Content-Type": "application/json"},
     )
     assert ok.status_code == 200, ok.text
+
+
+def test_every_log_record_is_one_json_line(server: Server) -> None:
+    """After the model loads a library adds a root handler; no record may reach it too."""
+    import json
+
+    rid = "log-check-7"
+    httpx.get(f"{server.base}/info", headers={**server.headers(), "X-Request-ID": rid})
+    lines = server.log_text().splitlines()
+    plain = [
+        ln for ln in lines if ln.startswith(("INFO:", "WARNING:", "ERROR:")) and ("medask" in ln or "uvicorn" in ln)
+    ]
+    assert plain == []
+    records = [json.loads(ln) for ln in lines if ln.startswith("{")]
+    assert sum(r.get("request_id") == rid for r in records) == 1
+    assert any(r["logger"] == "medask.serving" and r.get("event") == "ready" for r in records)
