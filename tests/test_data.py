@@ -50,3 +50,32 @@ def test_roles_fit_the_case() -> None:
     assert role_for_case("A 60-year-old man presents with crushing chest pain radiating to his arm.") == "Cardiologist"
     assert role_for_case("A pregnant woman in her third trimester has headaches.") == "Obstetrician-Gynecologist"
     assert role_for_case("How do I fix the transmission in my car?") == "General Practitioner"
+
+
+def test_a_prepended_row_moves_no_row_across_the_split(tmp_path, monkeypatch) -> None:
+    """Data drift: one row prepended shifts every position; membership is by content, so no
+    held-out row becomes a training row, and the changed data is refused until the split is recorded."""
+    import pytest
+
+    import training.data as data
+
+    before = {(r.prompt, r.completion) for r in heldout_rows()}
+    medtext = tmp_path / "medtext.jsonl"
+    new_row = json.dumps({"prompt": "A new question?", "completion": "A new answer."})
+    medtext.write_text(new_row + "\n" + data.MEDTEXT_PATH.read_text(encoding="utf-8"), encoding="utf-8")
+    split = tmp_path / "split.json"
+    split.write_text(data.SPLIT_PATH.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(data, "MEDTEXT_PATH", medtext)
+    monkeypatch.setattr(data, "SPLIT_PATH", split)
+    for cached in (data.load_medtext, data.heldout_ids):
+        cached.cache_clear()
+    try:
+        with pytest.raises(data.DataError, match="changed since"):
+            data.heldout_ids()
+        record = data.write_split(split)
+        after = {(r.prompt, r.completion) for r in data.heldout_rows()}
+        assert after == before and record["heldout"] == 141 and record["rows"] == 1413
+        assert data.train_rows()[0].prompt == "A new question?"
+    finally:
+        for cached in (data.load_medtext, data.heldout_ids):
+            cached.cache_clear()

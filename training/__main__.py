@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=list(STAGES), help="stop after this stage (no publish)")
     run.add_argument("--force", action="store_true", help="replace a different checkpoint at --out")
 
-    sub.add_parser("split", help="rewrite training/data/split.json from the seed")
+    sub.add_parser(
+        "split", help="record training/data/split.json for the current data (held-out rows stay held out, by content)"
+    )
 
     ev = sub.add_parser("evidence", help="build an evidence pack (indexed, checksummed passages)")
     src = ev.add_mutually_exclusive_group(required=True)
@@ -56,9 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "split":
-        from training.data import write_split
+        from training.data import DataError, write_split
 
-        record = write_split()
+        try:
+            record = write_split()
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"held out {record['heldout']} of {record['rows']} rows (seed {record['seed']})")
         return 0
     if args.command == "evidence":
@@ -79,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     from training.pipeline import run_pipeline
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from training.data import DataError, load_medtext
+    from training.data import DataError, heldout_ids
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if recipe.base.path and not (Path(recipe.base.path).expanduser() / "config.json").is_file():
             raise RecipeError(f"base.path {recipe.base.path} is not a Hugging Face model folder (no config.json there)")
-        load_medtext()  # a malformed data row is named now, not mid-run
+        heldout_ids()  # a malformed row, or data changed since the split, is named now, not mid-run
         out = Path(args.out)
         if not args.until:  # refused now, not after hours of training
             check_destination(out, force=args.force, fingerprint=recipe.fingerprint())

@@ -9,6 +9,7 @@ document that contains held-out text.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import re
@@ -84,27 +85,61 @@ def make_split(rows: Iterable[MedTextRow], seed: int = SPLIT_SEED, fraction: flo
     return sorted(heldout)
 
 
+def row_hash(row: MedTextRow) -> str:
+    """A row's identity for the split: its content, so inserting or reordering rows moves no row
+    across the split (positions shift; contents do not)."""
+    return hashlib.sha256(f"{row.prompt}\n\x00\n{row.completion}".encode()).hexdigest()[:20]
+
+
 def write_split(path: Path = SPLIT_PATH) -> dict:
+    """Record the split. Rows already held out (by content) stay held out; a first split follows
+    the seeded, stratified draw, and rows added later join training."""
     rows = load_medtext()
-    heldout = make_split(rows)
+    previous = _read_split(path) if path.is_file() else None
+    if previous and previous.get("heldout_hashes"):
+        keep = set(previous["heldout_hashes"])
+        heldout = sorted(r.id for r in rows if row_hash(r) in keep)
+    else:
+        heldout = make_split(rows)
+    held = set(heldout)
     record = {
         "dataset": "medtext.jsonl",
         "dataset_sha256": sha256_file(MEDTEXT_PATH),
         "seed": SPLIT_SEED,
         "fraction": HELDOUT_FRACTION,
         "stratified_by": "kind (vignette / other)",
+        "keyed_by": "content: sha256 of prompt and completion (heldout_hashes); heldout_ids are for reading only",
         "rows": len(rows),
         "heldout": len(heldout),
         "train": len(rows) - len(heldout),
+        "heldout_hashes": sorted({row_hash(r) for r in rows if r.id in held}),
         "heldout_ids": heldout,
     }
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    heldout_ids.cache_clear()
     return record
+
+
+def _read_split(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @lru_cache(maxsize=1)
 def heldout_ids() -> frozenset[str]:
-    return frozenset(json.loads(SPLIT_PATH.read_text(encoding="utf-8"))["heldout_ids"])
+    """The held-out rows of the current data, found by content. Refuses data that changed since
+    the split was recorded: run ``python -m training split`` to record it (held-out rows stay out)."""
+    split = _read_split(SPLIT_PATH)
+    current = sha256_file(MEDTEXT_PATH)
+    if split.get("dataset_sha256") != current:
+        raise DataError(
+            f"{MEDTEXT_PATH} changed since {SPLIT_PATH} was written (sha256 {current[:12]}, split made for "
+            f"{str(split.get('dataset_sha256'))[:12]}): run `python -m training split` to record the new data; "
+            "rows already held out stay held out"
+        )
+    hashes = set(split.get("heldout_hashes") or [])
+    if not hashes:
+        raise DataError(f"{SPLIT_PATH} has no heldout_hashes: run `python -m training split`")
+    return frozenset(r.id for r in load_medtext() if row_hash(r) in hashes)
 
 
 def train_rows(limit: int | None = None) -> list[MedTextRow]:
