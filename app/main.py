@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (ask.router, score.router, openai.router, health.router):
         app.include_router(router)
-    app.add_middleware(Gateway, settings=settings, metrics=metrics)
+    app.add_middleware(Gateway, settings=settings, metrics=metrics, tracker=serving)
     if settings.cors_list:  # added last, so outermost: preflights are answered before auth asks for a key
         app.add_middleware(
             CORSMiddleware,

@@ -112,10 +112,11 @@ class _BodyTooLarge(Exception):
 class Gateway:
     """Outermost middleware: request id, auth, body size, metrics, access log."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, tracker: Any = None) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.tracker = tracker  # has .inflight: what a graceful shutdown waits for
 
     def _public(self, path: str) -> bool:
         return is_public(path, self.settings)
@@ -158,6 +159,9 @@ class Gateway:
 
         path = scope.get("path", "")
         caller = None
+        counted = self.tracker is not None and path not in PROBES
+        if counted:
+            self.tracker.inflight += 1
         try:
             if self.settings.keys and not self._public(path):
                 auth = headers.get("authorization", "")
@@ -215,6 +219,8 @@ class Gateway:
                     413, "request_too_large", f"request body exceeds the {self.settings.max_body_bytes}-byte limit"
                 )
         finally:
+            if counted:
+                self.tracker.inflight -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status_holder["status"] == 404 else "other")
             status = status_holder["status"]

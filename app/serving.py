@@ -64,6 +64,10 @@ class Serving:
         self.safety: SafetyLayer | None = None
         self.evidence: EvidencePack | None = None
         self.evidence_note = "no evidence pack configured"
+        # shutdown: draining admits no new work; once the drain period is over, what is left is cut short
+        self.draining = False
+        self.drain_expired = False
+        self.inflight = 0  # HTTP requests being served (the gateway counts them), probes excluded
         self.scheduler: Scheduler | None = None
         self.ready = False
         self.load_error: str | None = None
@@ -141,7 +145,30 @@ class Serving:
             return str(self.engine.manifest["name"])
         return self.settings.model_dir.name
 
+    def begin_drain(self) -> None:
+        """SIGTERM: /ready turns 503 and new work is refused at once; in-flight work goes on."""
+        self.draining = True
+        self.ready = False
+        self.state = "draining"
+        self.metrics.ready.set(0)
+        log.info("draining", extra={"event": "draining", "inflight": self.inflight, "drain_s": self.settings.drain_s})
+
+    def end_drain(self) -> None:
+        """The drain period is over: whatever is still waiting is answered with 503 / an error event."""
+        self.drain_expired = True
+        log.info("drain period over", extra={"event": "drain_expired", "inflight": self.inflight})
+
+    def _shutting_down(self) -> ApiError:
+        return ApiError(
+            503,
+            "shutting_down",
+            "the server is shutting down; retry (another replica will answer)",
+            headers={"Retry-After": "1"},
+        )
+
     def require_ready(self) -> tuple[Engine, Scheduler]:
+        if self.draining:
+            raise self._shutting_down()
         if not self.ready or self.engine is None or self.scheduler is None:
             reason = self.load_error or f"model is {self.state.replace('_', ' ')}"
             raise ApiError(503, "service_unavailable", f"not ready: {reason}", headers={"Retry-After": "5"})
@@ -299,7 +326,10 @@ class Serving:
                 done, _ = await asyncio.wait({fut}, timeout=min(0.5, remaining))
                 if done:
                     return fut.result()
-                if await request.is_disconnected():
+                if self.drain_expired:
+                    raise self._shutting_down()
+                if not self.draining and await request.is_disconnected():
+                    # (while draining, the server itself reports clients as gone: not a reason to stop)
                     raise asyncio.CancelledError("client disconnected")
         except asyncio.CancelledError:
             raise ApiError(499, "client_closed_request", "client closed the request") from None
@@ -358,14 +388,22 @@ class Serving:
                 for event in preamble or []:
                     yield event
                 while True:
+                    if self.drain_expired:  # shutting down: end the stream with a clear event, free the row
+                        err = self._shutting_down()
+                        yield sse({"error": {"type": err.type, "message": err.message, "param": None}}, "error")
+                        return
                     getter = asyncio.ensure_future(pieces.get())
                     done, _ = await asyncio.wait(
-                        {getter, fut}, timeout=max(deadline - time.monotonic(), 0), return_when=asyncio.FIRST_COMPLETED
+                        {getter, fut},
+                        timeout=min(0.5, max(deadline - time.monotonic(), 0)),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
                     if getter in done:
                         yield on_piece(getter.result())
                         continue
                     getter.cancel()
+                    if not done and time.monotonic() < deadline:
+                        continue
                     if not done:
                         yield sse(
                             {"error": {"type": "timeout", "message": "request timed out", "param": None}}, "error"

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     max_new_tokens_default: int = Field(256, ge=1)
+    drain_s: float = Field(
+        8.0,
+        ge=0,
+        le=300,
+        description="on SIGTERM: how long in-flight work may finish (under Docker's 10 s stop timeout)",
+    )
     warmup: bool = True
     exit_on_load_failure: bool = True
 
