@@ -162,6 +162,7 @@ class Gateway:
         counted = self.tracker is not None and path not in PROBES
         if counted:
             self.tracker.inflight += 1
+            self.metrics.inflight.inc()
         try:
             if self.settings.keys and not self._public(path):
                 auth = headers.get("authorization", "")
@@ -221,6 +222,7 @@ class Gateway:
         finally:
             if counted:
                 self.tracker.inflight -= 1
+                self.metrics.inflight.dec()
             route = scope.get("route")
             template = getattr(route, "path", None) or ("unmatched" if status_holder["status"] == 404 else "other")
             status = status_holder["status"]

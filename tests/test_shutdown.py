@@ -47,12 +47,27 @@ def _load(srv: Server, plain: int, max_new: int) -> tuple[dict, threading.Event,
     return results, started, threads
 
 
+def _wait_inflight(srv: Server, n: int) -> None:
+    import time
+
+    for _ in range(600):
+        text = httpx.get(f"{srv.base}/metrics").text
+        value = next(
+            float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("medask_http_requests_inflight ")
+        )
+        if value >= n + 1:  # this scrape counts too
+            return
+        time.sleep(0.05)
+    raise AssertionError("the requests never reached the server")
+
+
 @pytest.mark.parametrize("drain_s", ["60", "0.2"])
 def test_sigterm_drains_in_flight_work_then_exits_zero(ci_checkpoint: Path, tmp_path: Path, drain_s: str) -> None:
     srv = start_server(ci_checkpoint, tmp_path / "s.log", MEDASK_BATCHING="false", MEDASK_DRAIN_S=drain_s)
     try:
         results, started, threads = _load(srv, plain=3, max_new=200 if drain_s == "60" else 400)
-        assert started.wait(60)  # the stream has begun: work is in flight
+        assert started.wait(60)  # the stream has begun
+        _wait_inflight(srv, 4)  # and all four requests are in the server
         srv.proc.send_signal(signal.SIGTERM)
         ready = httpx.get(f"{srv.base}/ready")
         assert ready.status_code == 503 and ready.headers["retry-after"]
