@@ -31,6 +31,8 @@ RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache && 
 USER medask
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
+# python -m app drains on SIGTERM for MEDASK_DRAIN_S (8 s) and exits 0, inside Docker's 10 s stop timeout
+STOPSIGNAL SIGTERM
 CMD ["python", "-m", "app"]
 
 ########## GPU ##########
@@ -58,4 +60,5 @@ RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache && 
 USER medask
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
+STOPSIGNAL SIGTERM
 CMD ["python", "-m", "app"]

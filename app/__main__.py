@@ -71,7 +71,8 @@ def main() -> int:
         access_log=False,
         log_config=None,  # app.security.configure_logging owns every handler: one JSON line per record
         timeout_graceful_shutdown=2,  # the drain has already let work finish; this closes idle connections
-        timeout_keep_alive=5,
+        timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
     )
     DrainingServer(config, app.state.serving).run()
     return 0

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_connections: int = Field(
+        512, ge=1, description="open connections beyond this get 503 (uvicorn limit_concurrency)"
+    )
+    keep_alive_s: float = Field(5.0, gt=0, le=300, description="idle keep-alive connections are closed after this")
     max_new_tokens_default: int = Field(256, ge=1)
     drain_s: float = Field(
         8.0,

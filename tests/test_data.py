@@ -79,3 +79,24 @@ def test_a_prepended_row_moves_no_row_across_the_split(tmp_path, monkeypatch) ->
     finally:
         for cached in (data.load_medtext, data.heldout_ids):
             cached.cache_clear()
+
+
+def test_changed_data_changes_every_stage_key(tmp_path, monkeypatch) -> None:
+    """A stage built from other data is never reused: the keys cover the data files."""
+    import training.data as data
+    from tests.conftest import CI_RECIPE
+    from training.config import load_recipe
+    from training.pipeline import stage_keys
+
+    recipe = load_recipe(CI_RECIPE)
+    before = stage_keys(recipe)
+    medtext = tmp_path / "medtext.jsonl"
+    medtext.write_text(
+        '{"prompt": "A new question?", "completion": "A new answer."}\n'
+        + data.MEDTEXT_PATH.read_text(encoding="utf-8"),
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(data, "MEDTEXT_PATH", medtext)
+    after = stage_keys(recipe)
+    assert set(before) == set(after) and all(before[k] != after[k] for k in before)
+    assert stage_keys(load_recipe(CI_RECIPE)) == after  # and they are stable for the same data
