@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from app.evidence import EvidencePack
 from app.manifest import read_manifest, verify_checkpoint
 from tests.conftest import ROOT
 
@@ -35,6 +36,7 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     from app.scoring import combine
     from training.data import heldout_rows
     from training.evaluate import score_answers
+    from training.evidence import CasePrompter
 
     manifest = read_manifest(DEFAULT)
     per_row = manifest["heldout_per_row"]["rows"]
@@ -42,7 +44,12 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     sample = random.Random(0).sample(rows, 24)
     tok = AutoTokenizer.from_pretrained(DEFAULT)
     model = AutoModelForCausalLM.from_pretrained(DEFAULT)
-    scores = score_answers(model, tok, sample)
+    prompter = CasePrompter(tok)
+    if manifest.get("evidence"):  # the model was evaluated (and trained) with evidence: score it the same way
+        pack = _default_pack()
+        assert pack.manifest["corpus_sha256"] == manifest["evidence"]["pack"]["corpus_sha256"]
+        prompter = CasePrompter(tok, pack, manifest["evidence"]["k"], manifest["evidence"]["max_tokens"])
+    scores = score_answers(model, tok, sample, 8, prompter)
     measured = combine(scores).bits_per_byte
     recorded = -sum(per_row[r.id]["sum_logprob"] for r in sample) / (
         sum(per_row[r.id]["bytes"] for r in sample) * math.log(2)
@@ -51,6 +58,25 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     # and the manifest's headline is the aggregate of the rows it lists
     total = -sum(v["sum_logprob"] for v in per_row.values()) / (sum(v["bytes"] for v in per_row.values()) * math.log(2))
     assert math.isclose(total, manifest["metrics"]["gptq"]["bits_per_byte"], rel_tol=1e-6)
+
+
+def _default_pack() -> EvidencePack:
+    """The default evidence pack, rebuilt from the vendored data if needed: the rebuild must match the
+    committed manifest byte for byte (ensure_default_pack refuses otherwise)."""
+    from training.evidence import DEFAULT_PACK, ensure_default_pack
+
+    ensure_default_pack()
+    return EvidencePack.load(DEFAULT_PACK)
+
+
+def test_default_pack_rebuilds_to_its_manifest_and_holds_no_heldout_row() -> None:
+    from training.data import heldout_ids, heldout_rows
+
+    pack = _default_pack()
+    assert pack.manifest["sources"] == {"MedQuAD": 15811, "MedText": 1271}
+    assert not {p.doc_id for p in pack.passages} & heldout_ids()
+    texts = "\n".join(p.text for p in pack.passages if p.source == "MedText")
+    assert not any(r.prompt[:80] in texts for r in heldout_rows())
 
 
 def test_shipped_model_meets_its_quality_goals() -> None:
