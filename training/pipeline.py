@@ -27,10 +27,20 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def data_digest() -> str:
+    """The data every stage reads: MedText, MedQuAD and the split. A change to any of them
+    changes every stage's key, so nothing built from the old data is reused."""
+    from app.manifest import sha256_file
+    from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
+
+    return _key(*(sha256_file(p) for p in (MEDTEXT_PATH, MEDQUAD_PATH, SPLIT_PATH)))
+
+
 def stage_keys(recipe: Recipe) -> dict[str, str]:
-    """Each stage's key covers its own settings and every upstream stage's."""
-    base = _key(recipe.base, recipe.data.train_rows, recipe.seed)
-    evidence = _key(recipe.evidence, recipe.data.train_rows)
+    """Each stage's key covers the data, its own settings and every upstream stage's."""
+    data = data_digest()
+    base = _key(recipe.base, recipe.data.train_rows, recipe.seed, data)
+    evidence = _key(recipe.evidence, recipe.data.train_rows, data)
     sft = _key(base, evidence, recipe.sft, recipe.dtype)
     dpo = _key(sft, recipe.dpo)
     gptq = _key(dpo, recipe.quantize)
