@@ -9,7 +9,6 @@ base stage of ``--work``); the evidence-trained SFT is ``<work>/sft``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from training.config import load_recipe
 from training.data import heldout_rows
 from training.evaluate import load_stage_model, score_answers
 from training.evidence import CasePrompter
-from training.pipeline import run_pipeline
+from training.sft import run_sft
+from training.stages import Stage
 
 
 def main() -> None:
@@ -34,11 +34,11 @@ def main() -> None:
     work = Path(args.work)
     plain_work = work.with_name(work.name + "-noevidence")
     plain_work.mkdir(parents=True, exist_ok=True)
-    if not (plain_work / "base").exists():
-        os.symlink((work / "base").resolve(), plain_work / "base")
     recipe = load_recipe(args.recipe)
     plain_recipe = load_recipe(args.recipe, ["evidence.enabled=false"])
-    run_pipeline(plain_recipe, plain_work, until="sft")
+    plain_sft = Stage(plain_work, "sft")
+    if not plain_sft.done():  # the same SFT settings from the same base, prompts without evidence (resumable)
+        run_sft(plain_sft, work / "base", plain_recipe)
     pack = EvidencePack.load(work / "evidence" / "pack")
     rows = heldout_rows(args.rows)
     table = []
