@@ -218,13 +218,18 @@ class Serving:
         self.check_context(len(prompt), max_new, param)
         if not (evidence or (evidence is None and self.evidence is not None)):
             return prompt, []
-        if self.evidence is None:
-            raise ApiError(400, "evidence_unavailable", f"evidence was asked for but {self.evidence_note}", "evidence")
+        self.require_evidence("evidence")
         room = engine.context_length - len(prompt) - max_new - EVIDENCE_FRAME_TOKENS
         passages, block = self.retrieve(role, question, k, room)
         if not block:
             return prompt, []
         return engine.encode_question(question, role, block), passages
+
+    def require_evidence(self, param: str) -> EvidencePack:
+        """The loaded pack, or a 400 saying why there is none (a request asked for evidence)."""
+        if self.evidence is None:
+            raise ApiError(400, "evidence_unavailable", f"evidence was asked for but {self.evidence_note}", param)
+        return self.evidence
 
     def retrieve(self, role: str, question: str, k: int | None, room: int) -> tuple[list[Passage], str]:
         """Passages and the evidence block for a prompt, within ``room`` tokens of context."""

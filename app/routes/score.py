@@ -11,7 +11,7 @@ from app.prompting import render_prompt
 from app.routes import ERRORS, serving
 from app.schemas import PerplexityRequest, PerplexityResponse, PerplexityResult
 from app.scoring import encode_for_scoring
-from app.serving import EVIDENCE_FRAME_TOKENS, ApiError, Serving
+from app.serving import EVIDENCE_FRAME_TOKENS, Serving
 
 router = APIRouter(tags=["scoring"])
 
@@ -29,13 +29,7 @@ async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Se
             question, target = item.question or "", item.answer or ""
             context = render_prompt(engine.tokenizer, question, item.role)
             if item.evidence:  # the prompt /ask would build, evidence block included
-                if svc.evidence is None:
-                    raise ApiError(
-                        400,
-                        "evidence_unavailable",
-                        f"evidence was asked for but {svc.evidence_note}",
-                        f"items[{i}].evidence",
-                    )
+                svc.require_evidence(f"items[{i}].evidence")
                 room = (
                     engine.context_length
                     - engine.count_tokens(context)
