@@ -59,3 +59,20 @@ def report(title: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None 
 
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def wait_ok(url: str, seconds: float = 180) -> bool:
+    """Poll ``url`` until it answers 200 (a server finished loading); False after ``seconds``."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False

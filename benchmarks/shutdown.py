@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import report, wait_ok  # noqa: E402
 
 
 def main() -> None:
@@ -47,13 +47,8 @@ def main() -> None:
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    if not wait_ok(f"{base}/ready"):
+        raise SystemExit("the server did not become ready")
     outcomes: list[str] = []
     body = {
         "question": "A 45-year-old smoker has had a cough for six weeks. Next step?",
