@@ -33,7 +33,7 @@ from app.evidence import (
 )
 from app.metrics import Metrics
 from app.quality import Quality, assess, withheld
-from app.safety import SafetyLayer, SafetyRulesError, Triage
+from app.safety import SafetyLayer, SafetyRulesError, Triage, compose
 from app.scheduler import QueueFull, Scheduler
 from app.security import text_digest
 from app.settings import Settings
@@ -270,9 +270,18 @@ class Serving:
             self.metrics.degenerate.labels(reason).inc()
         return quality
 
-    def safety_refusal(self) -> str:
+    def answer(
+        self, result: GenerationResult, question: str, triage: Triage, passages: list[Passage]
+    ) -> tuple[str, Quality]:
+        """What every generating route delivers: the fixed advice first, then the model's text or,
+        when the gate withholds it, a plain statement with the evidence to read instead."""
+        quality = self.quality(result.text, question, result.score.perplexity)
+        return compose(triage.prefix, self.shown_answer(result.text, quality, passages)), quality
+
+    def refusal(self, triage: Triage) -> str:
+        """The answer to an out-of-scope question: the rule file's refusal, no model call."""
         assert self.safety is not None
-        return self.safety.refusal
+        return compose(triage.prefix, self.safety.refusal)
 
     def events(self, events: list[str]) -> StreamingResponse:
         """A stream whose every event is known up front (a refusal: no model call)."""

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from app.engine import GenerationResult, SamplingParams
 from app.evidence import Passage
 from app.routes import ERRORS, STREAMED, serving
-from app.safety import Triage, compose
+from app.safety import Triage
 from app.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
 from app.serving import Serving, new_id, sse
 
@@ -27,20 +27,16 @@ def _summary(
     passages: list[Passage] | None = None,
 ) -> dict[str, Any]:
     if result is None:  # refused by the rule layer: no model call, nothing to score
-        body, perplexity, quality, finish = svc.safety_refusal(), None, None, "refused"
+        answer, perplexity, quality, finish = svc.refusal(triage), None, None, "refused"
         prompt_tokens = completion_tokens = 0
     else:
-        q = svc.quality(result.text, req.question, result.score.perplexity)
-        body, perplexity, quality = (
-            svc.shown_answer(result.text, q, passages),
-            round(result.score.perplexity, 4),
-            q.public(),
-        )
+        answer, q = svc.answer(result, req.question, triage, passages or [])
+        perplexity, quality = round(result.score.perplexity, 4), q.public()
         finish = "stop" if result.finish_reason == "stop" else "length"
         prompt_tokens, completion_tokens = result.prompt_tokens, len(result.token_ids)
     return AskResponse(
         id=rid,
-        answer=compose(triage.prefix, body),
+        answer=answer,
         role=req.role,
         perplexity=perplexity,
         usage=Usage(

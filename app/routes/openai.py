@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Request
 from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
 from app.prompting import DEFAULT_ROLE, role_problem
 from app.routes import ERRORS, STREAMED, serving
-from app.safety import compose
 from app.schemas import ChatCompletionRequest, CompletionRequest, openai_usage
 from app.serving import ApiError, Serving, new_id, sse
 
@@ -66,7 +65,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     triage = svc.triage("\n".join(users))
     cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
     if not triage.in_scope:
-        content = compose(triage.prefix, svc.safety_refusal())
+        content = svc.refusal(triage)
         svc.note(request, 0, 0, question=question, role=role, answer=content)
         extra = {"triage": triage.public(), "quality": None, "citations": []}
         if req.stream:
@@ -84,9 +83,8 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     params = SamplingParams(max_new, req.temperature, req.top_p, req.seed)
 
     def extra(result: GenerationResult) -> tuple[str, dict[str, Any]]:
-        quality = svc.quality(result.text, question, result.score.perplexity)
-        fields = {"triage": triage.public(), "quality": quality.public(), "citations": citations}
-        return svc.shown_answer(result.text, quality, passages), fields
+        content, quality = svc.answer(result, question, triage, passages)
+        return content, {"triage": triage.public(), "quality": quality.public(), "citations": citations}
 
     if req.stream:
         first = {"sent": False}
@@ -102,9 +100,9 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
         def on_done(result: GenerationResult) -> list[str]:
             final = _chunk(cid, created, model, {}, _finish(result))
             final["usage"] = openai_usage(result.prompt_tokens, len(result.token_ids))
-            body, fields = extra(result)
+            content, fields = extra(result)
             final.update(fields)
-            svc.note(request, 0, 0, answer=compose(triage.prefix, body))
+            svc.note(request, 0, 0, answer=content)
             return [sse(final), "data: [DONE]\n\n"]
 
         preamble = [sse(_chunk(cid, created, model, delta(triage.prefix + "\n\n")))] if triage.prefix else []
@@ -112,8 +110,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
             request, prompt, params, on_piece, on_done, audit={"question": question, "role": role}, preamble=preamble
         )
     result = await svc.generate(request, prompt, params)
-    body, fields = extra(result)
-    content = compose(triage.prefix, body)
+    content, fields = extra(result)
     svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, role=role, answer=content)
     usage = openai_usage(result.prompt_tokens, len(result.token_ids))
     return _chat_body(cid, created, model, content, _finish(result), usage, fields)
