@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from app.manifest import read_manifest, verify_checkpoint
-from app.prompting import render_prompt
+from app.prompting import Turn, render_prompt
 from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
 
 log = logging.getLogger("medask.engine")
@@ -44,6 +44,16 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    # generation ends at the first of these strings, which is left out of the text (OpenAI ``stop``)
+    stop: tuple[str, ...] = ()
+    # OpenAI's semantics over the tokens generated so far: logit -= count * frequency + (count > 0) * presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    top_logprobs: int = 0  # report the k most likely tokens at each generated position
+
+
+# (log-probability, top alternatives or None) of the end-of-sequence token that ended a row
+EosEntry = tuple[float, dict[str, float] | None]
 
 
 @dataclass
@@ -62,6 +72,10 @@ class GenerationResult:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     first_token_at: float | None
+    top: list[dict[str, float]] | None = None  # per generated token, when params.top_logprobs > 0
+    # the end-of-sequence token that ended generation: not part of the answer's text or perplexity,
+    # but OpenAI clients (lm-eval) expect its entry in a completion's logprobs, as vLLM gives it
+    eos: EosEntry | None = None
 
     @property
     def score(self) -> Score:
@@ -110,6 +124,7 @@ class Engine:
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         config = model.config
         self.context_length: int = int(getattr(config, "max_position_embeddings", 2048))
+        self.vocab_size: int = int(getattr(config, "vocab_size", 0) or len(tokenizer))
         qcfg = getattr(config, "quantization_config", None)
         qdict = qcfg if isinstance(qcfg, dict) else (qcfg.to_dict() if qcfg is not None else {})
         self.quantization: dict[str, Any] = {
@@ -164,8 +179,8 @@ class Engine:
         return cls(model, tokenizer, folder, manifest, dev, time.perf_counter() - t0)
 
     # ---- prompts -------------------------------------------------------
-    def encode_question(self, question: str, role: str, evidence: str = "") -> list[int]:
-        return self.encode(render_prompt(self.tokenizer, question, role, evidence))
+    def encode_question(self, question: str, role: str, evidence: str = "", history: Sequence[Turn] = ()) -> list[int]:
+        return self.encode(render_prompt(self.tokenizer, question, role, evidence, history))
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -283,29 +298,49 @@ class Engine:
         return cache, mask
 
     def _step_all(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
-        """Sample each row's next token (its own settings), then score them all at once."""
-        tokens = [_sample(logits[r], row.job.params, row.gen) for r, row in enumerate(rows)]
+        """Sample each row's next token (its own settings), then score them all at once.
+
+        Penalties change what is sampled; the log-probabilities reported stay those of the raw
+        model (as vLLM's default), so perplexity means the same with or without them."""
+        tokens = [_sample(_penalised(logits[r], row), row.job.params, row.gen) for r, row in enumerate(rows)]
         lps = chosen_logprobs(logits, torch.tensor(tokens, device=logits.device)).tolist()
-        for row, token, lp in zip(rows, tokens, lps, strict=True):
-            self._record(row, token, lp)
+        for r, (row, token, lp) in enumerate(zip(rows, tokens, lps, strict=True)):
+            k = row.job.params.top_logprobs
+            self._record(row, token, lp, self._top(logits[r], k) if k > 0 else None)
         return tokens
 
-    def _record(self, row: _Row, token: int, logprob: float) -> None:
+    def _top(self, logits: torch.Tensor, k: int) -> dict[str, float]:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        vals, idx = logp.topk(k)
+        return {self.tokenizer.decode([int(i)]): float(v) for v, i in zip(vals, idx, strict=True)}
+
+    def _record(self, row: _Row, token: int, logprob: float, top: dict[str, float] | None = None) -> None:
         """Record a row's new token and decide whether the row is done."""
         job = row.job
+        params = job.params
         if row.first_at is None:
             row.first_at = time.perf_counter()
         if token == self.eos_id:
             row.finish = "stop"
+            row.eos = (logprob, top)
             return
         row.ids.append(token)
         row.lps.append(logprob)
-        if job.on_text is not None:  # detokenize per step only when someone is listening
-            new_text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-            if not new_text.endswith("\ufffd") and len(new_text) > len(row.text):
-                job.on_text(new_text[len(row.text) :])
-                row.text = new_text
-        if len(row.ids) >= job.params.max_new_tokens:
+        if top is not None:
+            row.tops.append(top)
+        if job.on_text is not None or params.stop:  # detokenize per step only when someone needs the text
+            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            if params.stop:
+                cut = _find_stop(text, params.stop, len(row.text))
+                if cut is not None:
+                    row.stop_at, row.finish = cut, "stop"
+                    return
+            # a stop string may be forming at the end: hold its length back from the stream
+            safe = len(text) - (max(map(len, params.stop)) - 1 if params.stop else 0)
+            if job.on_text is not None and not text.endswith("\ufffd") and safe > len(row.text):
+                job.on_text(text[len(row.text) : safe])
+                row.text = text[:safe]
+        if len(row.ids) >= params.max_new_tokens:
             row.finish = "length"
         elif job.cancelled.is_set():
             row.finish = "cancelled"
@@ -313,9 +348,20 @@ class Engine:
     def _result(self, row: _Row) -> GenerationResult:
         job = row.job
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        if row.stop_at is not None:
+            text = text[: row.stop_at]
         if job.on_text is not None and len(text) > len(row.text):
-            job.on_text(text[len(row.text) :])  # flush a trailing partial character
-        return GenerationResult(text, row.ids, row.lps, row.finish or "length", len(job.prompt_ids), row.first_at)
+            job.on_text(text[len(row.text) :])  # flush a trailing partial character or held-back text
+        return GenerationResult(
+            text,
+            row.ids,
+            row.lps,
+            row.finish or "length",
+            len(job.prompt_ids),
+            row.first_at,
+            top=row.tops if job.params.top_logprobs > 0 else None,
+            eos=row.eos,
+        )
 
     # ---- scoring -------------------------------------------------------
     def score(self, items: Sequence[ScoreItem], batch_size: int = 16) -> list[Score]:
@@ -324,9 +370,8 @@ class Engine:
         return score_texts(self.model, self.tokenizer, pairs, batch_size, [enc for _, _, enc in items])
 
     @torch.inference_mode()
-    def prompt_logprobs(self, text: str, top_k: int) -> PromptLogprobs:
-        """Per-token log-probabilities of a raw prompt (OpenAI echo + logprobs)."""
-        ids = self.encode(text)
+    def prompt_logprobs(self, ids: list[int], top_k: int) -> PromptLogprobs:
+        """Per-token log-probabilities of a prompt's tokens (OpenAI echo + logprobs)."""
         dev = self.model.device
         tokens = [self.tokenizer.decode([t]) for t in ids]
         offsets, pos = [], 0
@@ -376,9 +421,27 @@ class _Row:
     gen: torch.Generator
     ids: list[int] = field(default_factory=list)
     lps: list[float] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # what has been streamed
     finish: str | None = None
     first_at: float | None = None
+    tops: list[dict[str, float]] = field(default_factory=list)
+    stop_at: int | None = None  # where a stop string begins in the decoded text
+    eos: EosEntry | None = None
+
+
+def _find_stop(text: str, stops: Sequence[str], streamed: int) -> int | None:
+    """The start of the earliest stop string in ``text``; only text not yet streamed is searched
+    (what was streamed was checked already, and held back long enough to be)."""
+    hits = [i for s in stops if (i := text.find(s, max(streamed - len(s) + 1, 0))) >= 0]
+    return min(hits) if hits else None
+
+
+def _penalised(logits: torch.Tensor, row: _Row) -> torch.Tensor:
+    p = row.job.params
+    if not (p.frequency_penalty or p.presence_penalty) or not row.ids:
+        return logits
+    counts = torch.bincount(torch.tensor(row.ids), minlength=logits.shape[-1]).to(logits.device, logits.dtype)
+    return logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -21,11 +21,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine import CheckpointError
+from app.errors import ApiError, error_body
 from app.metrics import Metrics
 from app.openapi import install_openapi
 from app.routes import ask, health, openai, score
+from app.schemas import UnsupportedParameter
 from app.security import Gateway, configure_logging, is_public
-from app.serving import ApiError, Serving
+from app.serving import Serving
 from app.settings import Settings
 
 log = logging.getLogger("medask")
@@ -36,16 +38,14 @@ MedAsk answers clinical questions in a role ("act as a Cardiologist") from a GPT
 published by `training/`. Every answer is decision support, not a diagnosis.
 
 Auth: `Authorization: Bearer <key>` on every route except `/health` and `/ready` when `MEDASK_API_KEYS` is set.
-Errors: always `{"error": {"type", "message", "param"}}`.
+Errors: always `{"error": {"type", "message", "param", "code"}}` (OpenAI's shape).
 """
 
 
 def _error(
     status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"type": type_, "message": message, "param": param}}, status_code=status, headers=headers
-    )
+    return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
 
 
 def _load(serving: Serving) -> None:
@@ -88,7 +88,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.type, exc.message, exc.param, exc.headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(UnsupportedParameter)
+    async def unsupported(request: Request, exc: UnsupportedParameter) -> JSONResponse:
+        return _error(400, "unsupported_parameter", str(exc), exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -74,6 +74,9 @@ class Metrics:
             "medask_evidence_requests", "Retrievals, by whether any passage was found", ["result"], registry=r
         )
         self.evidence_passages = Counter("medask_evidence_passages", "Passages cited in answers", registry=r)
+        self.history_truncations = Counter(
+            "medask_history_truncations", "Conversations whose oldest turns were dropped to fit the context", registry=r
+        )
         self.inflight = Gauge(
             "medask_http_requests_inflight", "HTTP requests being served (probes excluded)", registry=r
         )

@@ -9,6 +9,7 @@ example (Llama-2's Ghost Attention idea) so the model keeps the persona.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 DEFAULT_ROLE = "General Practitioner"
 
@@ -109,17 +110,42 @@ def user_turn(question: str, evidence: str = "") -> str:
     return f"{defuse_markers(evidence)}\n\nQuestion: {question}"
 
 
-def build_messages(question: str, role: str = DEFAULT_ROLE, evidence: str = "") -> list[dict[str, str]]:
-    """Chat messages for one clinical question answered in a role, with optional evidence."""
-    return [
-        {"role": "system", "content": system_instruction(clean_role(role))},
-        {"role": "user", "content": user_turn(question, evidence)},
-    ]
+# an earlier turn of a conversation: ("user" | "assistant", text)
+Turn = tuple[str, str]
 
 
-def render_prompt(tokenizer: object, question: str, role: str = DEFAULT_ROLE, evidence: str = "") -> str:
+def build_messages(
+    question: str, role: str = DEFAULT_ROLE, evidence: str = "", history: Sequence[Turn] = ()
+) -> list[dict[str, str]]:
+    """Chat messages for one clinical question answered in a role, after the conversation so far.
+
+    The role's system message comes first whatever the history holds (the paper's GAtt idea: the
+    persona persists across turns), and no turn's text can open a turn of its own."""
+    messages = [{"role": "system", "content": system_instruction(clean_role(role))}]
+    for speaker, text in history:
+        if speaker not in ("user", "assistant"):
+            raise ValueError(f"a history turn is spoken by 'user' or 'assistant', not {speaker!r}")
+        messages.append({"role": speaker, "content": defuse_markers(text.strip())})
+    messages.append({"role": "user", "content": user_turn(question, evidence)})
+    return messages
+
+
+def render_prompt(
+    tokenizer: object, question: str, role: str = DEFAULT_ROLE, evidence: str = "", history: Sequence[Turn] = ()
+) -> str:
     """The prompt text the model sees, ending where the answer starts."""
-    return render_messages(tokenizer, build_messages(question, role, evidence))
+    return render_messages(tokenizer, build_messages(question, role, evidence, history))
+
+
+def fit_history(history: Sequence[Turn], fits: Callable[[Sequence[Turn]], bool]) -> list[Turn]:
+    """The most recent turns that fit: the oldest go first, and what is kept never starts with
+    an answer whose question was cut."""
+    turns = list(history)
+    while turns and not fits(turns):
+        turns.pop(0)
+        while turns and turns[0][0] == "assistant":
+            turns.pop(0)
+    return turns
 
 
 def render_messages(tokenizer: object, messages: list[dict[str, str]]) -> str:

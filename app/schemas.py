@@ -83,6 +83,12 @@ def _clean_role(v: str) -> str:
     return v
 
 
+class HistoryTurn(BaseModel):
+    model_config = _STRICT
+    role: Literal["user", "assistant"]
+    content: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS)
+
+
 class AskRequest(_Request):
     question: str = Field(..., description="the clinical question, 1..4000 characters after trimming")
     role: str = Field(
@@ -97,9 +103,19 @@ class AskRequest(_Request):
         None, description="retrieve cited evidence into the prompt; default: true when an evidence pack is loaded"
     )
     evidence_k: int | None = Field(None, ge=1, le=10, description="passages to retrieve; default: the trained k")
+    history: list[HistoryTurn] = Field(
+        default_factory=list,
+        max_length=64,
+        description="earlier turns of the conversation, oldest first; the oldest are dropped when the context "
+        "is full (the role always stays)",
+    )
 
     _q = field_validator("question")(_clean_question)
     _r = field_validator("role")(_clean_role)
+
+    @property
+    def turns(self) -> list[tuple[str, str]]:
+        return [(t.role, t.content) for t in self.history]
 
     model_config = ConfigDict(
         extra="forbid",
@@ -195,7 +211,12 @@ class AskResponse(BaseModel):
 
 
 class PerplexityItem(_Request):
-    text: str | None = Field(None, description="score this text unconditionally")
+    text: str | None = Field(None, description="score this text: unconditionally, or given context")
+    context: str | None = Field(
+        None,
+        description="with text: raw text (no template) the text is scored after, as an lm-eval log-likelihood "
+        "request (context, continuation)",
+    )
     question: str | None = Field(None, description="with answer: score the answer given the role prompt and question")
     answer: str | None = None
     role: str = DEFAULT_ROLE
@@ -212,6 +233,8 @@ class PerplexityItem(_Request):
                 raise ValueError("give either text, or question and answer, not both")
             if self.evidence:
                 raise ValueError("evidence goes with question and answer, not text")
+            if self.context is not None and (not self.context or len(self.context) > MAX_TEXT_CHARS):
+                raise ValueError(f"context must be 1..{MAX_TEXT_CHARS} characters")
             if not self.text.strip():
                 raise ValueError("text must not be empty")
             if len(self.text) > MAX_TEXT_CHARS:
@@ -219,6 +242,8 @@ class PerplexityItem(_Request):
         else:
             if self.question is None or self.answer is None:
                 raise ValueError("give text, or both question and answer")
+            if self.context is not None:
+                raise ValueError("context goes with text; question and answer use the role template")
             self.question = _clean_question(self.question)
             if not self.answer.strip():
                 raise ValueError("answer must not be empty")
@@ -229,6 +254,7 @@ class PerplexityItem(_Request):
 
 class PerplexityRequest(_Request):
     text: str | None = None
+    context: str | None = None
     question: str | None = None
     answer: str | None = None
     role: str | None = None
@@ -253,7 +279,9 @@ class PerplexityRequest(_Request):
 
     @model_validator(mode="after")
     def _single_or_batch(self) -> PerplexityRequest:
-        single = any(v is not None for v in (self.text, self.question, self.answer, self.role, self.evidence))
+        single = any(
+            v is not None for v in (self.text, self.context, self.question, self.answer, self.role, self.evidence)
+        )
         if self.items is not None and single:
             raise ValueError("give items, or one item's fields, not both")
         if self.items is None:
@@ -262,6 +290,7 @@ class PerplexityRequest(_Request):
             self.items = [
                 PerplexityItem(
                     text=self.text,
+                    context=self.context,
                     question=self.question,
                     answer=self.answer,
                     role=self.role or DEFAULT_ROLE,
@@ -287,25 +316,131 @@ class PerplexityResponse(BaseModel):
 
 # ---- OpenAI-compatible ------------------------------------------------------
 
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+MAX_STOPS = 4
+MAX_HISTORY_TURNS = 64
+
+# Fields OpenAI defines that this service does not implement: named in a 400, never ignored
+UNSUPPORTED_CHAT = (
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "audio",
+    "modalities",
+    "prediction",
+    "store",
+    "metadata",
+    "service_tier",
+    "reasoning_effort",
+    "web_search_options",
+    "verbosity",
+)
+UNSUPPORTED_COMPLETION = ("best_of", "logit_bias", "suffix")
+
+
+class UnsupportedParameter(Exception):
+    """A field OpenAI defines that this service does not implement (a 400 naming it).
+
+    Not a ValueError, so pydantic lets it through to the route's error handler."""
+
+    def __init__(self, field: str):
+        super().__init__(f"{field!r} is an OpenAI parameter this service does not implement; remove it")
+        self.field = field
+
+
+def _refuse_unsupported(data: Any, fields: tuple[str, ...]) -> None:
+    if isinstance(data, dict):
+        for name in fields:
+            if name in data:
+                raise UnsupportedParameter(name)
+
+
+def _clean_stop(v: str | list[str] | None) -> tuple[str, ...]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop sequences")
+    for s in stops:
+        if not s:
+            raise ValueError("a stop sequence must not be empty")
+        if len(s) > 256:
+            raise ValueError("a stop sequence must be at most 256 characters")
+    return tuple(stops)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = Field(False, description="send a last chunk with `usage` and empty `choices`")
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=MAX_TEXT_CHARS)
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        ..., description="developer is treated as system: the role the answer is given in"
+    )
+    content: str | list[TextPart] = Field(..., description="text, or a list of text parts (joined)")
     name: str | None = None
 
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-class ChatCompletionRequest(_Request):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=64)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatMessage:
+        if len(self.text) > MAX_TEXT_CHARS:
+            raise ValueError(f"content must be at most {MAX_TEXT_CHARS} characters")
+        return self
+
+
+class _OpenAIRequest(_Request):
+    """Sampling fields both OpenAI routes share, with OpenAI's bounds."""
+
+    model: str | None = Field(None, description="the served model's id or one of its aliases; unknown ids are a 404")
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     seed: Seed | None = None
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(
+        None, description=f"up to {MAX_STOPS} strings; generation ends before the first (finish_reason stop)"
+    )
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    n: int = Field(1, ge=1, le=16, description="choices per prompt, up to the server's MEDASK_MAX_N")
     user: str | None = Field(None, max_length=256)
+
+    _stop = field_validator("stop")(_clean_stop)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _OpenAIRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return self.stop if isinstance(self.stop, tuple) else _clean_stop(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_HISTORY_TURNS)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -324,19 +459,20 @@ class ChatCompletionRequest(_Request):
         },
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        _refuse_unsupported(data, UNSUPPORTED_CHAT)
+        return data
 
-class CompletionRequest(_Request):
-    model: str | None = None
-    prompt: str | list[str] = Field(..., description="raw text (no role template); a list is a batch")
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="raw text (no role template) or token ids; a list is a batch"
+    )
     max_tokens: int = Field(16, ge=0, le=4096)
-    temperature: Temperature = 0.0
-    top_p: TopP = 1.0
-    seed: Seed | None = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = Field(None, max_length=256)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -344,18 +480,39 @@ class CompletionRequest(_Request):
         json_schema_extra={"examples": [{"prompt": "Hypertension is", "max_tokens": 0, "echo": True, "logprobs": 1}]},
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        _refuse_unsupported(data, UNSUPPORTED_COMPLETION)
+        return data
+
     @field_validator("prompt")
     @classmethod
-    def _prompt_bounds(cls, v: str | list[str]) -> str | list[str]:
-        prompts = [v] if isinstance(v, str) else v
+    def _prompt_bounds(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and isinstance(v[0], int):
+            prompts: list[Any] = [v]
+        else:
+            prompts = [v] if isinstance(v, str) else list(v)
         if not prompts or len(prompts) > 64:
-            raise ValueError("prompt must be a string or a list of 1..64 strings")
+            raise ValueError("prompt must be a string, a list of 1..64 strings, token ids, or a list of 1..64 of those")
         for p in prompts:
             if not p:
                 raise ValueError("prompt must not be empty")
             if len(p) > MAX_TEXT_CHARS:
-                raise ValueError(f"prompt must be at most {MAX_TEXT_CHARS} characters")
+                raise ValueError(f"prompt must be at most {MAX_TEXT_CHARS} characters (or token ids)")
+            if isinstance(p, list) and any(t < 0 for t in p):
+                raise ValueError("token ids must not be negative")
         return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or as token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 def openai_usage(prompt: int, completion: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from app.errors import error_bytes
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -101,10 +102,6 @@ def check_key(presented: str, keys: tuple[str, ...]) -> str | None:
     return match
 
 
-def error_body(status: int, type_: str, message: str, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"type": type_, "message": message, "param": param}}).encode()
-
-
 class _BodyTooLarge(Exception):
     pass
 
@@ -143,7 +140,7 @@ class Gateway:
             await send(message)
 
         async def reply(status: int, type_: str, msg: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-            body = error_body(status, type_, msg)
+            body = error_bytes(type_, msg)
             await send_wrapped(
                 {
                     "type": "http.response.start",

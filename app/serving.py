@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.engine import CheckpointError, Engine, GenerationJob, GenerationResult, SamplingParams, ScoreItem
+from app.errors import ApiError, error_body
 from app.evidence import (
     DEFAULT_K,
     DEFAULT_MAX_TOKENS,
@@ -32,6 +33,7 @@ from app.evidence import (
     load_pack,
 )
 from app.metrics import Metrics
+from app.prompting import Turn, fit_history
 from app.quality import Quality, assess, withheld
 from app.safety import SafetyLayer, SafetyRulesError, Triage, compose
 from app.scheduler import QueueFull, Scheduler
@@ -43,17 +45,6 @@ DEFAULT_EVIDENCE_DIR = "model_artifacts/evidence"
 EVIDENCE_FRAME_TOKENS = 16
 
 log = logging.getLogger("medask.serving")
-
-
-class ApiError(Exception):
-    """An error with its HTTP status and the project's error shape."""
-
-    def __init__(
-        self, status: int, type_: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
-    ):
-        super().__init__(message)
-        self.status, self.type, self.message, self.param = status, type_, message, param
-        self.headers = headers or {}
 
 
 class Serving:
@@ -208,22 +199,56 @@ class Serving:
         return int(k), int(max_tokens)
 
     def prompt(
-        self, question: str, role: str, max_new: int, param: str, evidence: bool | None = None, k: int | None = None
+        self,
+        question: str,
+        role: str,
+        max_new: int,
+        param: str,
+        evidence: bool | None = None,
+        k: int | None = None,
+        history: Sequence[Turn] = (),
     ) -> tuple[list[int], list[Passage]]:
         """The prompt's token ids and the passages in it. Evidence is retrieved when asked for, or by
-        default when a pack is loaded; the block gets the context that is left, so it is what gets
-        cut, never the question."""
+        default when a pack is loaded. What must fit is the role and the question; the evidence block
+        gets the context that is left (it is what gets cut, never the question), and the earlier
+        turns of a conversation what is left after it, oldest dropped first."""
         engine, _ = self.require_ready()
         prompt = engine.encode_question(question, role)
         self.check_context(len(prompt), max_new, param)
-        if not (evidence or (evidence is None and self.evidence is not None)):
-            return prompt, []
-        self.require_evidence("evidence")
-        room = engine.context_length - len(prompt) - max_new - EVIDENCE_FRAME_TOKENS
-        passages, block = self.retrieve(role, question, k, room)
-        if not block:
-            return prompt, []
-        return engine.encode_question(question, role, block), passages
+        block, passages = "", []
+        if evidence or (evidence is None and self.evidence is not None):
+            self.require_evidence("evidence")
+            room = engine.context_length - len(prompt) - max_new - EVIDENCE_FRAME_TOKENS
+            passages, block = self.retrieve(role, question, k, room)
+            if not block:
+                passages = []
+        if not history:
+            return (engine.encode_question(question, role, block) if block else prompt), passages
+        limit = engine.context_length - max_new
+        encoded: dict[int, list[int]] = {}
+
+        def fits(turns: Sequence[Turn]) -> bool:
+            encoded[len(turns)] = engine.encode_question(question, role, block, turns)
+            return len(encoded[len(turns)]) <= limit
+
+        kept = fit_history(history, fits)
+        ids = encoded.get(len(kept)) or engine.encode_question(question, role, block, kept)
+        if len(kept) < len(history):
+            self.metrics.history_truncations.inc()
+        return ids, passages
+
+    def check_model(self, name: str | None) -> None:
+        """An OpenAI ``model`` must name the served model (or one of its aliases): a client that asks
+        for another model must not silently get this one."""
+        if name is None or name == self.model_name or name in self.settings.alias_list:
+            return
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"the model {name!r} does not exist here; this server serves {self.model_name!r} (GET /v1/models)",
+            "model",
+            code="model_not_found",
+        )
 
     def require_evidence(self, param: str) -> EvidencePack:
         """The loaded pack, or a 400 saying why there is none (a request asked for evidence)."""
@@ -404,7 +429,7 @@ class Serving:
                 while True:
                     if self.drain_expired:  # shutting down: end the stream with a clear event, free the row
                         err = self._shutting_down()
-                        yield sse({"error": {"type": err.type, "message": err.message, "param": None}}, "error")
+                        yield sse(err.body(), "error")
                         return
                     getter = asyncio.ensure_future(pieces.get())
                     done, _ = await asyncio.wait(
@@ -419,17 +444,13 @@ class Serving:
                     if not done and time.monotonic() < deadline:
                         continue
                     if not done:
-                        yield sse(
-                            {"error": {"type": "timeout", "message": "request timed out", "param": None}}, "error"
-                        )
+                        yield sse(error_body("timeout", "request timed out"), "error")
                         return
                     while not pieces.empty():
                         yield on_piece(pieces.get_nowait())
                     exc = fut.exception()
                     if exc is not None:
-                        yield sse(
-                            {"error": {"type": "engine_error", "message": "generation failed", "param": None}}, "error"
-                        )
+                        yield sse(error_body("engine_error", "generation failed"), "error")
                         return
                     result = fut.result()
                     self._observe(t0, result)

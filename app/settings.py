@@ -19,6 +19,10 @@ class Settings(BaseSettings):
 
     model_dir: Path = Path("model_artifacts/default")
     model_name: str | None = Field(None, description="served model id; default: the manifest's name")
+    model_aliases: str = Field(
+        "", description="comma-separated other names OpenAI clients may use for the served model (e.g. gpt-4o-mini)"
+    )
+    max_n: int = Field(4, ge=1, le=16, description="most choices (n) one OpenAI request may ask for")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
@@ -84,6 +88,10 @@ class Settings(BaseSettings):
     @cached_property
     def role_list(self) -> tuple[str, ...]:
         return tuple(r.strip() for r in self.roles.split(",") if r.strip())
+
+    @cached_property
+    def alias_list(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.model_aliases.split(",") if a.strip())
 
     @cached_property
     def cors_list(self) -> tuple[str, ...]:

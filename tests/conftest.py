@@ -105,7 +105,11 @@ def start_server(checkpoint: Path, log_path: Path, wait_ready: bool = True, **en
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    return Server(base, proc, log_path)
+    server = Server(base, proc, log_path)
+    if wait_ready:  # a test must never run against a server that did not come up
+        stop_server(server)
+        raise AssertionError(f"server did not become ready (exit {proc.poll()}):\n{server.log_text()[-3000:]}")
+    return server
 
 
 def stop_server(server: Server) -> None:

@@ -46,7 +46,7 @@ def _call_and_check(case: schemathesis.Case, auth: str) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
-        assert set(error) == {"type", "message", "param"} and error["message"], response.text
+        assert set(error) == {"type", "message", "param", "code"} and error["message"], response.text
     if auth == "no-key" and case.path not in ("/health", "/ready"):
         assert response.status_code == 401, (case.path, response.status_code)
 

@@ -161,7 +161,7 @@ def test_a_broken_rule_file_or_pack_stops_the_service(
     else:
         env["MEDASK_EVIDENCE_DIR"] = str(tmp_path / "nowhere")
         expect = "does not exist"
-    srv = start_server(ci_checkpoint, tmp_path / "s.log", **env)
+    srv = start_server(ci_checkpoint, tmp_path / "s.log", wait_ready=False, **env)
     try:
         assert srv.proc.wait(timeout=60) == 3
         assert expect in srv.log_text()

@@ -20,7 +20,7 @@ def post(server: Server, path: str, body: object, headers: dict[str, str] | None
 def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert set(err) == {"type", "message", "param"} and err["message"]
+    assert set(err) == {"type", "message", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] == param, err
     return err

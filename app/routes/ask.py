@@ -78,7 +78,8 @@ def advice_events(triage: Triage) -> list[str]:
 async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     t0 = time.perf_counter()
     svc.require_ready()
-    triage = svc.triage(req.question)
+    # every user turn is triaged: an emergency said earlier in the conversation is still one
+    triage = svc.triage("\n".join([text for speaker, text in req.turns if speaker == "user"] + [req.question]))
     rid = new_id("ask")
     if not triage.in_scope:  # the rule layer is sure: no model call
         svc.note(request, 0, 0, question=req.question, role=req.role)
@@ -89,7 +90,7 @@ async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends
             )
         return summary
     prompt, passages = svc.prompt(
-        req.question, req.role, req.max_new_tokens, "max_new_tokens", req.evidence, req.evidence_k
+        req.question, req.role, req.max_new_tokens, "max_new_tokens", req.evidence, req.evidence_k, req.turns
     )
     params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.seed)
     if req.stream:

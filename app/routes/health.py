@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
+from app.errors import error_body
 from app.metrics import CONTENT_TYPE
 from app.routes import serving
 from app.serving import Serving
@@ -34,14 +35,8 @@ async def health() -> dict[str, str]:
 async def ready(svc: Annotated[Serving, Depends(serving)]) -> Any:
     if svc.ready:
         return {"status": "ready", "model": svc.model_name}
-    body = {
-        "error": {
-            "type": "service_unavailable",
-            "message": f"not ready: {svc.load_error or 'model is ' + svc.state.replace('_', ' ')}",
-            "param": None,
-        },
-        "status": svc.state,
-    }
+    message = f"not ready: {svc.load_error or 'model is ' + svc.state.replace('_', ' ')}"
+    body = {**error_body("service_unavailable", message), "status": svc.state}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 

@@ -1,15 +1,18 @@
 """OpenAI-compatible endpoints, so the openai SDK and lm-evaluation-harness
-(`local-completions`) work unchanged.
+(`local-completions`, `local-chat-completions`) work unchanged.
 
-Chat: the system message is the role ("Cardiologist" or "act as a
-Cardiologist"), the last user message is the question, and the prompt is built
-by app.prompting like /ask. Completions: raw text, no template; ``echo`` with
-``max_tokens=0`` and ``logprobs`` scores the prompt (log-likelihood requests).
+Chat: the system (or developer) message is the role ("Cardiologist" or "act as
+a Cardiologist"), the last user message is the question, and the turns before
+it are the conversation, all rendered by app.prompting like /ask. Completions:
+raw text or token ids, no template; ``echo`` + ``logprobs`` scores the prompt
+(log-likelihood requests), and a generation that ends on end-of-sequence reports
+that token's entry, as vLLM does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from typing import Annotated, Any
@@ -17,10 +20,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
-from app.prompting import DEFAULT_ROLE, role_problem
+from app.errors import ApiError
+from app.prompting import DEFAULT_ROLE, Turn, role_problem
 from app.routes import ERRORS, STREAMED, serving
-from app.schemas import ChatCompletionRequest, CompletionRequest, openai_usage
-from app.serving import ApiError, Serving, new_id, sse
+from app.schemas import MAX_QUESTION_CHARS, ChatCompletionRequest, ChatMessage, CompletionRequest, openai_usage
+from app.serving import Serving, new_id, sse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _ACT_AS = re.compile(r"^\s*(?:please\s+)?act\s+as\s+(?:an?\s+)?", re.I)
@@ -36,55 +40,136 @@ def role_from_system(content: str | None) -> str:
     return role
 
 
+def conversation(messages: list[ChatMessage]) -> tuple[str, list[Turn], str]:
+    """(role, earlier turns, question) of a chat: one system/developer message (the role), then
+    user and assistant turns ending with the user's question."""
+    system = [m for m in messages if m.role in ("system", "developer")]
+    if len(system) > 1:
+        raise ApiError(
+            400, "invalid_request_error", "give at most one system (or developer) message: it sets the role", "messages"
+        )
+    turns: list[Turn] = [(m.role, m.text) for m in messages if m.role in ("user", "assistant")]
+    if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise ApiError(400, "invalid_request_error", "the last message must be a non-empty user message", "messages")
+    question = turns[-1][1].strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            f"the user message must be at most {MAX_QUESTION_CHARS} characters",
+            "messages",
+        )
+    return role_from_system(system[0].text if system else None), turns[:-1], question
+
+
+def model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "medask"}
+
+
 @router.get("/models", summary="The one served model")
 async def models(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     svc.require_ready()
-    return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": 0, "owned_by": "medask"}]}
+    return {"object": "list", "data": [model_card(svc.model_name)]}
+
+
+@router.get(
+    "/models/{model_id:path}",
+    summary="The served model by id (or an alias)",
+    responses={404: {"description": "model_not_found"}},
+)
+async def model(model_id: str, svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+    svc.require_ready()
+    svc.check_model(model_id)
+    return model_card(model_id)
+
+
+def _check_n(svc: Serving, n: int, stream: bool, rows: int = 1) -> None:
+    limit = svc.settings.max_n
+    if n > limit:
+        raise ApiError(400, "invalid_request_error", f"n must be at most {limit} on this server (MEDASK_MAX_N)", "n")
+    if stream and n > 1:
+        raise ApiError(400, "invalid_request_error", "stream supports n=1; ask without stream for more choices", "n")
+    if rows * n > svc.settings.queue_size:
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            f"prompts x n = {rows * n} exceeds the queue ({svc.settings.queue_size}); split the request",
+            "prompt",
+        )
+
+
+def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n rows of one request: with a seed, row i samples with seed + i (reproducible, not identical)."""
+    if params.seed is None:
+        return [params] * n
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+def _finish(result: GenerationResult) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"
+
+
+def _chunk(
+    cid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], usage: Any = None
+) -> dict[str, Any]:
+    out = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def _closing(
+    cid: str, created: int, model: str, obj: str, last: dict[str, Any], usage: dict[str, Any], include_usage: bool
+) -> list[str]:
+    """The end of an OpenAI stream: the finish chunk, with ``stream_options.include_usage`` a usage
+    chunk with no choices (OpenAI's contract), then [DONE]. Without it the finish chunk carries usage."""
+    if include_usage:
+        return [sse(last), sse(_chunk(cid, created, model, obj, [], usage)), "data: [DONE]\n\n"]
+    return [sse({**last, "usage": usage}), "data: [DONE]\n\n"]
 
 
 @router.post(
     "/chat/completions",
-    responses={**ERRORS, 200: STREAMED},
-    summary="OpenAI chat completions (system message = role)",
-    description="Beside OpenAI's fields the response carries `triage` (the deterministic red-flag layer: level, "
-    "flags, rules_version, in_scope, advice) and `quality` (the answer quality gate); streams carry both in the "
-    "final chunk, with `citations` (the evidence in the prompt). Emergency and crisis advice opens the message content (the first streamed chunk). "
-    "A question outside medicine is refused without a model call (`finish_reason: content_filter`).",
+    responses={**ERRORS, 200: STREAMED, 404: {"description": "model_not_found"}},
+    summary="OpenAI chat completions (system or developer message = role; earlier turns are the conversation)",
+    description="Beside OpenAI's fields the response carries `triage` (the deterministic red-flag layer over every "
+    "user turn: level, flags, rules_version, in_scope, advice), `quality` (the answer quality gate, also per choice) "
+    "and `citations` (the evidence in the prompt); streams carry them in the finish chunk. Emergency and crisis "
+    "advice opens the message content (the first streamed chunk). A question outside medicine is refused without a "
+    "model call (`finish_reason: content_filter`). The conversation goes through the checkpoint's chat template; "
+    "when it is longer than the context the oldest turns are dropped, never the role.",
 )
 async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
-    system = next((m.content for m in req.messages if m.role == "system"), None)
-    users = [m.content for m in req.messages if m.role == "user"]
-    if not users or not users[-1].strip():
-        raise ApiError(400, "invalid_request_error", "messages must include a non-empty user message", "messages")
-    question = users[-1].strip()
-    if len(question) > 4000:
-        raise ApiError(400, "invalid_request_error", "the user message must be at most 4000 characters", "messages")
-    role = role_from_system(system)
+    svc.check_model(req.model)
+    _check_n(svc, req.n, req.stream)
+    role, history, question = conversation(req.messages)
     # every user turn is triaged: an emergency said earlier in the chat is still one
-    triage = svc.triage("\n".join(users))
+    triage = svc.triage("\n".join(text for speaker, text in [*history, ("user", question)] if speaker == "user"))
     cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
+    obj = "chat.completion.chunk"
     if not triage.in_scope:
         content = svc.refusal(triage)
         svc.note(request, 0, 0, question=question, role=role, answer=content)
         extra = {"triage": triage.public(), "quality": None, "citations": []}
         if req.stream:
-            first = _chunk(cid, created, model, {"role": "assistant", "content": content})
-            final = {**_chunk(cid, created, model, {}, "content_filter"), "usage": openai_usage(0, 0), **extra}
-            return svc.events([sse(first), sse(final), "data: [DONE]\n\n"])
-        return _chat_body(cid, created, model, content, "content_filter", openai_usage(0, 0), extra)
+            first = _chunk(cid, created, model, obj, [_delta(0, {"role": "assistant", "content": content})])
+            last = {**_chunk(cid, created, model, obj, [_delta(0, {}, "content_filter")]), **extra}
+            return svc.events(
+                [sse(first), *_closing(cid, created, model, obj, last, openai_usage(0, 0), req.include_usage)]
+            )
+        choices = [_message(i, content, "content_filter", None) for i in range(req.n)]
+        return _chat_body(cid, created, model, choices, openai_usage(0, 0), extra)
     max_new = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if max_new is None:
         bare = len(engine.encode_question(question, role))
         max_new = max(1, min(svc.settings.max_new_tokens_default, engine.context_length - bare))
-    prompt, passages = svc.prompt(question, role, max_new, param)
+    prompt, passages = svc.prompt(question, role, max_new, param, history=history)
     citations = [p.citation() for p in passages]
-    params = SamplingParams(max_new, req.temperature, req.top_p, req.seed)
-
-    def extra(result: GenerationResult) -> tuple[str, dict[str, Any]]:
-        content, quality = svc.answer(result, question, triage, passages)
-        return content, {"triage": triage.public(), "quality": quality.public(), "citations": citations}
+    params = SamplingParams(
+        max_new, req.temperature, req.top_p, req.seed, req.stops, req.frequency_penalty, req.presence_penalty
+    )
 
     if req.stream:
         first = {"sent": False}
@@ -92,63 +177,68 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
         def delta(content: str) -> dict[str, Any]:
             out = {"content": content} if first["sent"] else {"role": "assistant", "content": content}
             first["sent"] = True
-            return out
+            return _delta(0, out)
 
         def on_piece(piece: str) -> str:
-            return sse(_chunk(cid, created, model, delta(piece)))
+            return sse(_chunk(cid, created, model, obj, [delta(piece)]))
 
         def on_done(result: GenerationResult) -> list[str]:
-            final = _chunk(cid, created, model, {}, _finish(result))
-            final["usage"] = openai_usage(result.prompt_tokens, len(result.token_ids))
-            content, fields = extra(result)
-            final.update(fields)
+            content, quality = svc.answer(result, question, triage, passages)
+            last = _chunk(cid, created, model, obj, [_delta(0, {}, _finish(result))])
+            last.update({"triage": triage.public(), "quality": quality.public(), "citations": citations})
             svc.note(request, 0, 0, answer=content)
-            return [sse(final), "data: [DONE]\n\n"]
+            usage = openai_usage(result.prompt_tokens, len(result.token_ids))
+            return _closing(cid, created, model, obj, last, usage, req.include_usage)
 
-        preamble = [sse(_chunk(cid, created, model, delta(triage.prefix + "\n\n")))] if triage.prefix else []
+        preamble = [sse(_chunk(cid, created, model, obj, [delta(triage.prefix + "\n\n")]))] if triage.prefix else []
         return svc.stream(
             request, prompt, params, on_piece, on_done, audit={"question": question, "role": role}, preamble=preamble
         )
-    result = await svc.generate(request, prompt, params)
-    content, fields = extra(result)
-    svc.note(request, result.prompt_tokens, len(result.token_ids), question=question, role=role, answer=content)
-    usage = openai_usage(result.prompt_tokens, len(result.token_ids))
-    return _chat_body(cid, created, model, content, _finish(result), usage, fields)
+    results = await asyncio.gather(*(svc.generate(request, prompt, p) for p in _seeded(params, req.n)))
+    choices, qualities = [], []
+    for i, result in enumerate(results):
+        content, quality = svc.answer(result, question, triage, passages)
+        choices.append(_message(i, content, _finish(result), quality.public()))
+        qualities.append(quality.public())
+    completion = sum(len(r.token_ids) for r in results)
+    svc.note(
+        request,
+        results[0].prompt_tokens,
+        completion,
+        question=question,
+        role=role,
+        answer=choices[0]["message"]["content"],
+    )
+    fields = {"triage": triage.public(), "quality": qualities[0], "citations": citations}
+    return _chat_body(cid, created, model, choices, openai_usage(results[0].prompt_tokens, completion), fields)
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+def _delta(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+
+def _message(index: int, content: str, finish: str, quality: dict[str, Any] | None) -> dict[str, Any]:
     return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "index": index,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": finish,
+        "logprobs": None,
+        "quality": quality,
     }
 
 
 def _chat_body(
-    cid: str, created: int, model: str, content: str, finish: str, usage: dict[str, Any], extra: dict[str, Any]
+    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
+        "choices": choices,
         "usage": usage,
         **extra,
     }
-
-
-def _finish(result: GenerationResult) -> str:
-    return "stop" if result.finish_reason == "stop" else "length"
 
 
 def _logprobs_block(
@@ -165,94 +255,116 @@ def _logprobs_block(
         offsets += echo.offsets
     if result is not None:
         pos = offset0
-        for tid, lp in zip(result.token_ids, result.logprobs, strict=True):
+        for i, (tid, lp) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
             piece = engine.tokenizer.decode([tid])
             tokens.append(piece)
             lps.append(lp)
-            tops.append({piece: lp})
+            tops.append(result.top[i] if result.top else {piece: lp})
             offsets.append(pos)
             pos += len(piece)
+        if result.eos is not None:  # the end-of-sequence token: no text, but a real prediction
+            lp, top = result.eos
+            tokens.append("")
+            lps.append(lp)
+            tops.append(top or {"": lp})
+            offsets.append(pos)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _completion_tokens(result: GenerationResult | None) -> int:
+    """Generated tokens, the end-of-sequence token included (vLLM and OpenAI count it)."""
+    if result is None:
+        return 0
+    return len(result.token_ids) + (result.eos is not None)
 
 
 @router.post(
     "/completions",
-    responses={**ERRORS, 200: STREAMED},
-    summary="OpenAI completions: raw text, echo + logprobs + max_tokens=0 for scoring",
+    responses={**ERRORS, 200: STREAMED, 404: {"description": "model_not_found"}},
+    summary="OpenAI completions: raw text or token ids; echo + logprobs (+ max_tokens=0) scores the prompt",
 )
 async def completions(req: CompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
     engine, _ = svc.require_ready()
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    svc.check_model(req.model)
+    prompts = req.prompts
+    _check_n(svc, req.n, req.stream, len(prompts))
     if req.stream and len(prompts) > 1:
         raise ApiError(400, "invalid_request_error", "stream supports a single prompt", "prompt")
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(400, "invalid_request_error", "max_tokens=0 needs echo=true (score the prompt)", "max_tokens")
-    encoded = [engine.encode(p) for p in prompts]
-    for ids in encoded:
+    vocab = engine.vocab_size
+    encoded: list[list[int]] = []
+    texts: list[str] = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = engine.encode(p)
+            texts.append(p)
+        else:
+            if max(p) >= vocab:
+                raise ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"token id {max(p)} is outside the vocabulary (size {vocab})",
+                    "prompt",
+                )
+            ids = list(p)
+            texts.append(engine.tokenizer.decode(ids))
         if not ids:
             raise ApiError(400, "invalid_request_error", "prompt encodes to no tokens", "prompt")
         svc.check_context(len(ids), req.max_tokens, "max_tokens")
-    cid, created = new_id("cmpl"), int(time.time())
-    params = SamplingParams(max(req.max_tokens, 1), req.temperature, req.top_p, req.seed)
+        encoded.append(ids)
+    cid, created, model, obj = new_id("cmpl"), int(time.time()), svc.model_name, "text_completion"
+    top_k = req.logprobs or 0
+    params = SamplingParams(
+        max(req.max_tokens, 1),
+        req.temperature,
+        req.top_p,
+        req.seed,
+        req.stops,
+        req.frequency_penalty,
+        req.presence_penalty,
+        top_k if req.logprobs is not None else 0,
+    )
 
     if req.stream:
 
         def on_piece(piece: str) -> str:
-            return sse(
-                {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": svc.model_name,
-                    "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}],
-                }
-            )
+            return sse(_chunk(cid, created, model, obj, [_text(0, piece, None)]))
 
         def on_done(result: GenerationResult) -> list[str]:
             svc.note(request, 0, 0, answer=result.text)
-            return [
-                sse(
-                    {
-                        "id": cid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": svc.model_name,
-                        "choices": [{"index": 0, "text": "", "finish_reason": _finish(result), "logprobs": None}],
-                        "usage": openai_usage(result.prompt_tokens, len(result.token_ids)),
-                    }
-                ),
-                "data: [DONE]\n\n",
-            ]
+            usage = openai_usage(result.prompt_tokens, _completion_tokens(result))
+            last = _chunk(cid, created, model, obj, [_text(0, "", _finish(result))])
+            return _closing(cid, created, model, obj, last, usage, req.include_usage)
 
         return svc.stream(request, encoded[0], params, on_piece, on_done)
 
-    async def one(text: str, ids: list[int]) -> tuple[PromptLogprobs | None, GenerationResult | None]:
+    async def one(ids: list[int]) -> tuple[PromptLogprobs | None, list[GenerationResult | None]]:
         echo_lp = None
         if req.echo and req.logprobs is not None:
-            top_k = req.logprobs
-            echo_lp = await svc.call(request, lambda e: e.prompt_logprobs(text, top_k))
-        result = await svc.generate(request, ids, params) if req.max_tokens > 0 else None
-        return echo_lp, result
+            echo_lp = await svc.call(request, lambda e: e.prompt_logprobs(ids, top_k))
+        if req.max_tokens == 0:
+            return echo_lp, [None] * req.n
+        results = await asyncio.gather(*(svc.generate(request, ids, p) for p in _seeded(params, req.n)))
+        return echo_lp, list(results)
 
-    # a list of prompts is submitted at once, so the scheduler can batch them
-    outcomes = await asyncio.gather(*(one(t, ids) for t, ids in zip(prompts, encoded, strict=True)))
+    # every prompt is submitted at once, so the scheduler can batch them
+    outcomes = await asyncio.gather(*(one(ids) for ids in encoded))
     choices, n_prompt, n_completion = [], 0, 0
-    for i, (text, ids, (echo_lp, result)) in enumerate(zip(prompts, encoded, outcomes, strict=True)):
-        out_text = (text if req.echo else "") + (result.text if result else "")
-        block = None
-        if req.logprobs is not None:
-            block = _logprobs_block(engine, echo_lp, result, len(text) if req.echo else 0)
-        choices.append(
-            {"index": i, "text": out_text, "logprobs": block, "finish_reason": _finish(result) if result else "length"}
-        )
+    for text, ids, (echo_lp, results) in zip(texts, encoded, outcomes, strict=True):
+        for result in results:
+            out_text = (text if req.echo else "") + (result.text if result else "")
+            block = None
+            if req.logprobs is not None:
+                block = _logprobs_block(engine, echo_lp, result, len(text) if req.echo else 0)
+            choice = _text(len(choices), out_text, _finish(result) if result else "length")
+            choice["logprobs"] = block
+            choices.append(choice)
+            n_completion += _completion_tokens(result)
         n_prompt += len(ids)
-        n_completion += len(result.token_ids) if result else 0
     svc.note(request, n_prompt, n_completion)
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": svc.model_name,
-        "choices": choices,
-        "usage": openai_usage(n_prompt, n_completion),
-    }
+    return _chunk(cid, created, model, obj, choices, openai_usage(n_prompt, n_completion))
+
+
+def _text(index: int, text: str, finish: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}

@@ -24,7 +24,7 @@ async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Se
     items: list[ScoreItem] = []
     for i, item in enumerate(req.items or []):
         if item.text is not None:
-            context, target = None, item.text
+            context, target = item.context, item.text
         else:
             question, target = item.question or "", item.answer or ""
             context = render_prompt(engine.tokenizer, question, item.role)
