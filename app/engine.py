@@ -109,13 +109,28 @@ def pick_device(wanted: str) -> str:
 
 
 class Engine:
-    """A checkpoint loaded once; all methods run on the scheduler's worker thread."""
+    """A checkpoint loaded once.
+
+    Threads: the model and ``tokenizer`` belong to the scheduler's worker thread (generation,
+    scoring, prompt log-probs). Routes encode and decode on the event loop with ``front``, a
+    second instance of the same tokenizer: a fast tokenizer shared by two threads can fail with
+    "Already borrowed" (huggingface/tokenizers#537), and a second instance costs a few MB where
+    sending every encode through the worker would queue it behind decode steps.
+    """
 
     def __init__(
-        self, model: Any, tokenizer: Any, folder: Path, manifest: dict[str, Any], device: str, load_seconds: float
+        self,
+        model: Any,
+        tokenizer: Any,
+        folder: Path,
+        manifest: dict[str, Any],
+        device: str,
+        load_seconds: float,
+        front: Any = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
+        self.front = front if front is not None else tokenizer
         self.folder = folder
         self.manifest = manifest
         self.device = device
@@ -166,6 +181,8 @@ class Engine:
             raise CheckpointError(f"tokenizer in {folder} has no chat template")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        front = AutoTokenizer.from_pretrained(folder)
+        front.pad_token = tokenizer.pad_token
         kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev)}
         if dev == "cuda":
             kwargs["device_map"] = "cuda"
@@ -176,18 +193,18 @@ class Engine:
         if dev == "cpu" and not qcfg:
             model = model.to("cpu")
         model.eval()
-        return cls(model, tokenizer, folder, manifest, dev, time.perf_counter() - t0)
+        return cls(model, tokenizer, folder, manifest, dev, time.perf_counter() - t0, front)
 
-    # ---- prompts -------------------------------------------------------
+    # ---- prompts (event loop side: the ``front`` tokenizer) ------------------
     def encode_question(self, question: str, role: str, evidence: str = "", history: Sequence[Turn] = ()) -> list[int]:
-        return self.encode(render_prompt(self.tokenizer, question, role, evidence, history))
+        return self.encode(render_prompt(self.front, question, role, evidence, history))
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
     def encode(self, text: str) -> list[int]:
         # special tokens come from the chat template (see app.prompting)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.front(text, add_special_tokens=False)["input_ids"]
 
     # ---- generation ----------------------------------------------------
     @torch.inference_mode()
@@ -212,61 +229,20 @@ class Engine:
         limit = max_rows or len(jobs)
         results: dict[int, GenerationResult] = {}
 
-        def finish(row: _Row) -> None:
-            result = self._result(row)
-            results[id(row.job)] = result
-            if on_finish is not None:
-                on_finish(row.job, result)
+        def finish(rows: list[_Row]) -> None:
+            for row in rows:
+                result = self._result(row)
+                results[id(row.job)] = result
+                if on_finish is not None:
+                    on_finish(row.job, result)
 
-        active: list[_Row] = []
-        cache: Any = None
-        mask = torch.zeros((0, 0), dtype=torch.long)
-        tokens: list[int] = []
-        pending = list(jobs)
-        while True:
-            if pending:  # prefill newcomers, sample their first token, merge them in
-                rows = [_Row(job, _generator(job.params.seed)) for job in pending]
-                new_cache, new_mask, logits = self._prefill(pending)
-                new_tokens = self._step_all(rows, logits)
-                alive = [i for i, row in enumerate(rows) if row.finish is None]
-                for row in rows:
-                    if row.finish is not None:
-                        finish(row)
-                if alive:
-                    new_cache, new_mask = self._select(new_cache, new_mask, alive)
-                    if active:
-                        cache, mask = _merge(cache, mask, new_cache, new_mask)
-                    else:
-                        cache, mask = new_cache, new_mask
-                    active += [rows[i] for i in alive]
-                    tokens += [new_tokens[i] for i in alive]
-                pending = []
-            if not active:
-                break
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-            out = self.model(
-                input_ids=torch.tensor(tokens, device=mask.device).unsqueeze(1),
-                attention_mask=mask,
-                position_ids=mask.sum(-1, keepdim=True) - 1,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            tokens = self._step_all(active, logits)
-            keep = [r for r, row in enumerate(active) if row.finish is None]
-            for row in active:
-                if row.finish is not None:
-                    finish(row)
-            if len(keep) < len(active):
-                if keep:
-                    cache, mask = self._select(cache, mask, keep)
-                active = [active[r] for r in keep]
-                tokens = [tokens[r] for r in keep]
-            if admit is not None and len(active) < limit:
-                pending = list(admit(limit - len(active)))
-            if not active and not pending:
-                break
+        batch = DecodeBatch(self)
+        finish(batch.admit(jobs))
+        while batch:
+            batch.step()
+            finish(batch.drop_finished())
+            if admit is not None and len(batch) < limit:
+                finish(batch.admit(admit(limit - len(batch))))
         return [results[id(job)] for job in jobs]
 
     def _prefill(self, jobs: Sequence[GenerationJob]) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -281,21 +257,6 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         return out.past_key_values, mask, out.logits[:, -1, :]
-
-    @staticmethod
-    def _select(cache: Any, mask: torch.Tensor, rows: list[int]) -> tuple[Any, torch.Tensor]:
-        """Keep only ``rows`` in the KV cache, then drop padding columns no row needs any more."""
-        idx = torch.tensor(rows, device=mask.device)
-        cache.batch_select_indices(idx)
-        mask = mask[idx]
-        used = torch.nonzero(mask.sum(0) > 0)
-        start = int(used[0]) if len(used) else 0
-        if start > 0:
-            for layer in cache.layers:
-                layer.keys = layer.keys[..., start:, :]
-                layer.values = layer.values[..., start:, :]
-            mask = mask[:, start:]
-        return cache, mask
 
     def _step_all(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
         """Sample each row's next token (its own settings), then score them all at once.
@@ -462,6 +423,83 @@ def _merge(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tenso
         old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
         old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
     return cache, torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)], dim=0)
+
+
+def select_rows(cache: Any, mask: torch.Tensor, rows: list[int]) -> tuple[Any, torch.Tensor]:
+    """Keep only ``rows`` in the KV cache, then drop padding columns no row needs any more."""
+    idx = torch.tensor(rows, device=mask.device)
+    cache.batch_select_indices(idx)
+    mask = mask[idx]
+    used = torch.nonzero(mask.sum(0) > 0)
+    start = int(used[0]) if len(used) else 0
+    if start > 0:
+        for layer in cache.layers:
+            layer.keys = layer.keys[..., start:, :]
+            layer.values = layer.values[..., start:, :]
+        mask = mask[:, start:]
+    return cache, mask
+
+
+class DecodeBatch:
+    """The rows decoding together and what they share: the KV cache, the attention mask and
+    each row's next input token, kept in step by ``admit``, ``step`` and ``drop_finished``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, jobs: Sequence[GenerationJob]) -> list[_Row]:
+        """Prefill newcomers, sample their first token, merge those still going into the batch;
+        returns the rows that ended at once (first token was EOS, or one token was asked for)."""
+        if not jobs:
+            return []
+        rows = [_Row(job, _generator(job.params.seed)) for job in jobs]
+        cache, mask, logits = self.engine._prefill(jobs)
+        tokens = self.engine._step_all(rows, logits)
+        alive = [i for i, row in enumerate(rows) if row.finish is None]
+        if alive:
+            cache, mask = select_rows(cache, mask, alive)
+            if self.rows:
+                self.cache, self.mask = _merge(self.cache, self.mask, cache, mask)
+            else:
+                self.cache, self.mask = cache, mask
+            self.rows += [rows[i] for i in alive]
+            self.tokens += [tokens[i] for i in alive]
+        return [row for row in rows if row.finish is not None]
+
+    def step(self) -> None:
+        """One decode step for every row: feed each its last token, sample its next."""
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        out = self.engine.model(
+            input_ids=torch.tensor(self.tokens, device=self.mask.device).unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=self.mask.sum(-1, keepdim=True) - 1,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.tokens = self.engine._step_all(self.rows, out.logits[:, -1, :])
+
+    def drop_finished(self) -> list[_Row]:
+        """Take the rows that ended out of the batch (and out of the KV cache)."""
+        done = [row for row in self.rows if row.finish is not None]
+        if not done:
+            return []
+        keep = [r for r, row in enumerate(self.rows) if row.finish is None]
+        if keep:
+            self.cache, self.mask = select_rows(self.cache, self.mask, keep)
+        else:
+            self.cache, self.mask = None, torch.zeros((0, 0), dtype=torch.long)
+        self.rows = [self.rows[r] for r in keep]
+        self.tokens = [self.tokens[r] for r in keep]
+        return done
 
 
 def _read_json(path: Path) -> dict[str, Any]:

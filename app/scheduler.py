@@ -1,44 +1,38 @@
-"""Bounded request queue and dynamic batching in front of the one engine.
+"""The worker thread in front of the one engine: a thin shell around app.policy.
 
-A single worker thread owns the model, so generation never blocks the event
-loop and the model is never called from two threads. Generation requests that
-arrive within ``batch_wait_ms`` of each other are decoded together (up to
-``max_batch_size``); scoring requests are batched likewise. A full queue is
-refused at once (429) rather than letting latency grow without bound.
+A single worker thread owns the model (and the engine's tokenizer), so generation
+never blocks the event loop and the model is never called from two threads. The
+policy decides what runs next; this module only waits, runs what it is given,
+and delivers each result, from one place (``_deliver``), to the request awaiting it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import queue
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from app.engine import Engine, GenerationJob, GenerationResult, ScoreItem
 from app.metrics import Metrics
+from app.policy import DeadlineExceeded, Kind, Policy, QueueFull, Work
 from app.scoring import Score
+
+__all__ = ["QueueFull", "Scheduler"]
 
 log = logging.getLogger("medask.scheduler")
 
 
-class QueueFull(Exception):
-    """The request queue is at capacity."""
+class _Handle:
+    """Where a work's result goes: a future on the event loop that submitted it."""
 
-
-@dataclass
-class _Work:
-    kind: str  # generate | score | call
-    payload: Any
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued: float = field(default_factory=time.perf_counter)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
 
 
 class Scheduler:
@@ -51,167 +45,147 @@ class Scheduler:
         max_batch_size: int,
         batch_wait_ms: float,
         queue_size: int,
+        key_share: float = 1.0,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch_size if batching else 1
-        self.wait_s = batch_wait_ms / 1000 if batching else 0.0
-        self._queue: queue.Queue[_Work] = queue.Queue(maxsize=queue_size)
-        self._backlog: collections.deque[_Work] = collections.deque()
+        self.continuous = batching and engine.continuous_batching
+        self.policy = Policy(
+            max_rows=self.max_batch,
+            wait_s=batch_wait_ms / 1000 if batching else 0.0,
+            queue_size=queue_size,
+            key_share=key_share,
+            max_batch_tokens=max_batch_tokens,
+        )
+        self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="medask-engine", daemon=True)
-        self.continuous = batching and engine.continuous_batching
         self.batches = 0  # model batches run, for tests and /info
         self.admitted = 0  # requests that joined a batch already running
-        self.running = 0
+        self.dropped = 0  # works that left the queue cancelled or past their deadline, never computed
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
         self._thread.join(timeout=30)
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize() + len(self._backlog)
+        return len(self.policy.waiting)
 
-    # ---- submission (event loop side) -----------------------------------
-    def _submit(self, kind: str, payload: Any, cancelled: threading.Event | None = None) -> _Work:
-        loop = asyncio.get_running_loop()
-        work = _Work(kind, payload, loop, loop.create_future())
+    @property
+    def running(self) -> int:
+        return len(self.policy.running)
+
+    # ---- submission (event loop side) -------------------------------------------
+    def _submit(
+        self,
+        kind: Kind,
+        payload: Any,
+        *,
+        key: str | None = None,
+        cost: int = 1,
+        deadline: float = math.inf,
+        cancelled: threading.Event | None = None,
+    ) -> asyncio.Future:
+        handle = _Handle(asyncio.get_running_loop())
+        work = Work(kind, payload, key=key, cost=cost, deadline=deadline, handle=handle)
         if cancelled is not None:
             work.cancelled = cancelled
-        try:
-            self._queue.put_nowait(work)
-        except queue.Full:
-            self.metrics.queue_rejections.inc()
-            raise QueueFull from None
-        self.metrics.waiting.set(self.waiting)
-        return work
+        with self._cond:
+            try:
+                self.policy.submit(work)
+            except QueueFull:
+                self.metrics.queue_rejections.inc()
+                raise
+            self._gauges()
+            self._cond.notify()
+        return handle.future
 
-    def generate(self, job: GenerationJob) -> asyncio.Future[GenerationResult]:
-        return self._submit("generate", job, job.cancelled).future
+    def generate(
+        self, job: GenerationJob, key: str | None = None, deadline: float = math.inf
+    ) -> asyncio.Future[GenerationResult]:
+        cost = len(job.prompt_ids) + job.params.max_new_tokens
+        return self._submit(Kind.GENERATE, job, key=key, cost=cost, deadline=deadline, cancelled=job.cancelled)
 
-    def score(self, items: list[ScoreItem]) -> asyncio.Future[list[Score]]:
-        return self._submit("score", items).future
+    def score(
+        self, items: list[ScoreItem], key: str | None = None, cancelled: threading.Event | None = None
+    ) -> asyncio.Future[list[Score]]:
+        return self._submit(Kind.SCORE, items, key=key, cancelled=cancelled)
 
-    def call(self, fn: Callable[[Engine], Any]) -> asyncio.Future[Any]:
+    def call(
+        self, fn: Callable[[Engine], Any], key: str | None = None, cancelled: threading.Event | None = None
+    ) -> asyncio.Future[Any]:
         """Run ``fn(engine)`` on the worker thread, in turn with the batches."""
-        return self._submit("call", fn).future
+        return self._submit(Kind.CALL, fn, key=key, cancelled=cancelled)
 
-    # ---- worker thread ----------------------------------------------------
-    def _next(self, timeout: float | None) -> _Work | None:
-        if self._backlog:
-            return self._backlog.popleft()
-        try:
-            return self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _collect(self, first: _Work) -> list[_Work]:
-        batch = [first]
-        if first.kind == "call":
-            return batch
-        deadline = time.perf_counter() + self.wait_s
-        skipped: list[_Work] = []
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            work = self._next(remaining)
-            if work is None:
-                break
-            if work.kind == first.kind:
-                batch.append(work)
-            else:
-                skipped.append(work)
-        self._backlog.extendleft(reversed(skipped))
-        return batch
-
+    # ---- worker thread --------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            first = self._next(0.1)
-            if first is None:
-                continue
-            batch = [w for w in self._collect(first) if not self._drop_cancelled(w)]
-            if not batch:
-                continue
-            self.running = len(batch)
-            self.metrics.running.set(self.running)
-            self.metrics.waiting.set(self.waiting)
+            with self._cond:
+                for work in self.policy.expire(time.monotonic()):
+                    self.dropped += 1
+                    # a client that left: cancelled; a deadline that passed: the waiter answers 504
+                    _deliver(work, cancel=work.cancelled.is_set(), exc=DeadlineExceeded())
+                batch = self.policy.take(time.monotonic())
+                if not isinstance(batch, list):
+                    self._cond.wait(0.1 if batch is None else batch)
+                    continue
+                self._gauges()
             try:
-                results = self._execute(batch)
+                self._execute(batch)
             except Exception as exc:  # delivered to each caller, who maps it to a clear error
-                log.exception("engine batch failed", extra={"event": "engine_error", "kind": batch[0].kind})
-                for w in batch:
-                    _deliver(w, exc=exc)
-            else:
-                for w, r in zip(batch, results, strict=True):
-                    _deliver(w, result=r)
+                log.exception("engine batch failed", extra={"event": "engine_error", "kind": batch[0].kind.value})
+                for work in batch:
+                    _deliver(work, exc=exc)
             finally:
-                self.running = 0
-                self.metrics.running.set(0)
-                self.metrics.waiting.set(self.waiting)
+                with self._cond:
+                    for work in list(self.policy.running) if batch[0].kind is Kind.GENERATE else batch:
+                        self.policy.finished(work)
+                    self._gauges()
 
-    def _drop_cancelled(self, work: _Work) -> bool:
-        if work.cancelled.is_set() or work.future.cancelled():
-            # cancel, not an exception: nobody awaits it any more, and a never
-            # retrieved exception would be logged as an error
-            with contextlib.suppress(RuntimeError):
-                work.loop.call_soon_threadsafe(work.future.cancel)
-            return True
-        return False
-
-    def _execute(self, batch: list[_Work]) -> list[Any]:
-        kind = batch[0].kind
+    def _execute(self, batch: list[Work]) -> None:
         self.batches += 1
         self.metrics.batch_size.observe(len(batch))
-        if kind == "generate":
-            return self._generate(batch)
-        if kind == "score":
-            flat = [item for w in batch for item in w.payload]
-            scores = self.engine.score(flat)
-            out, i = [], 0
-            for w in batch:
-                out.append(scores[i : i + len(w.payload)])
-                i += len(w.payload)
-            return out
-        return [w.payload(self.engine) for w in batch]
+        kind = batch[0].kind
+        if kind is Kind.GENERATE:
+            self._generate(batch)
+        elif kind is Kind.SCORE:
+            scores = self.engine.score([item for w in batch for item in w.payload])
+            i = 0
+            for work in batch:
+                _deliver(work, result=scores[i : i + len(work.payload)])
+                i += len(work.payload)
+        else:
+            for work in batch:
+                _deliver(work, result=work.payload(self.engine))
 
-    def _generate(self, batch: list[_Work]) -> list[Any]:
-        """Decode ``batch``, admitting queued generations into it as rows finish.
-
-        Each request is answered the moment its row ends. Admission stops at
-        the first queued non-generation job, so scoring and calls are never
-        starved by a stream of generations: the batch drains and they run.
-        """
+    def _generate(self, batch: list[Work]) -> None:
+        """Decode ``batch``; the policy admits queued generations into it as rows finish, and each
+        request is answered the moment its row ends."""
         works = {id(w.payload): w for w in batch}
 
         def admit(room: int) -> list[GenerationJob]:
-            new: list[GenerationJob] = []
-            while len(new) < room:
-                work = self._next(None)
-                if work is None:
-                    break
-                if work.kind != "generate":
-                    self._backlog.appendleft(work)
-                    break
-                if self._drop_cancelled(work):
-                    continue
-                works[id(work.payload)] = work
-                new.append(work.payload)
-            if new:
-                self.admitted += len(new)
-                self.running += len(new)
-                self.metrics.running.set(self.running)
-                self.metrics.waiting.set(self.waiting)
-            return new
+            with self._cond:
+                new = self.policy.admit(time.monotonic())
+                if new:
+                    self.admitted += len(new)
+                    self._gauges()
+            works.update({id(w.payload): w for w in new})
+            return [w.payload for w in new]
 
         def finished(job: GenerationJob, result: GenerationResult) -> None:
-            _deliver(works.pop(id(job)), result=result)
-            self.running -= 1
-            self.metrics.running.set(self.running)
+            work = works.pop(id(job))
+            with self._cond:
+                self.policy.finished(work)
+                self._gauges()
+            _deliver(work, result=result)
 
         try:
             self.engine.generate(
@@ -221,22 +195,32 @@ class Scheduler:
                 max_rows=self.max_batch,
             )
         except Exception as exc:
-            for work in works.values():  # admitted jobs are not in ``batch``: tell them too
+            for work in works.values():  # admitted rows are not in ``batch``: tell them too
                 _deliver(work, exc=exc)
             raise
-        # every row was answered by ``finished``; the caller's second delivery is a no-op
-        return [None] * len(batch)
+
+    def _gauges(self) -> None:
+        self.metrics.waiting.set(len(self.policy.waiting))
+        self.metrics.running.set(len(self.policy.running))
 
 
-def _deliver(work: _Work, result: Any = None, exc: BaseException | None = None) -> None:
+def _deliver(work: Work, result: Any = None, exc: BaseException | None = None, cancel: bool = False) -> None:
+    """The one place a result, an error or a cancellation reaches the request awaiting ``work``."""
+    handle: _Handle = work.handle
+
     def _set() -> None:
-        if work.future.done():
+        fut = handle.future
+        if fut.done():
             return
-        if exc is not None:
-            work.future.set_exception(exc)
+        if cancel:
+            # cancel, not an exception: nobody awaits it any more, and a never-retrieved
+            # exception would be logged as an error
+            fut.cancel()
+        elif exc is not None:
+            fut.set_exception(exc)
         else:
-            work.future.set_result(result)
+            fut.set_result(result)
 
     # a closed loop (shutdown) means nobody is waiting
     with contextlib.suppress(RuntimeError):
-        work.loop.call_soon_threadsafe(_set)
+        handle.loop.call_soon_threadsafe(_set)

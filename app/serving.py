@@ -33,10 +33,11 @@ from app.evidence import (
     load_pack,
 )
 from app.metrics import Metrics
+from app.policy import DeadlineExceeded, QueueFull
 from app.prompting import Turn, fit_history
 from app.quality import Quality, assess, withheld
 from app.safety import SafetyLayer, SafetyRulesError, Triage, compose
-from app.scheduler import QueueFull, Scheduler
+from app.scheduler import Scheduler
 from app.security import text_digest
 from app.settings import Settings
 
@@ -100,9 +101,10 @@ class Serving:
             max_batch_size=s.max_batch_size,
             batch_wait_ms=s.batch_wait_ms,
             queue_size=s.queue_size,
+            key_share=s.key_queue_share,
+            max_batch_tokens=s.max_batch_tokens or s.max_batch_size * engine.context_length // 2,
         )
-        self.scheduler.start()
-        if s.warmup:
+        if s.warmup:  # before the worker starts: the model is never used by two threads
             self.state = "warming_up"
             prompt = engine.encode_question(
                 "Warm-up: a patient has a mild headache. What next?", "General Practitioner"
@@ -110,6 +112,7 @@ class Serving:
             result = engine.generate([GenerationJob(prompt, SamplingParams(max_new_tokens=4))])[0]
             if result.finish_reason not in ("stop", "length"):
                 raise CheckpointError("warm-up generation failed")
+        self.scheduler.start()
         self.ready = True
         self.state = "ready"
         self.metrics.ready.set(1)
@@ -357,14 +360,18 @@ class Serving:
     async def _await(self, fut: asyncio.Future, request: Request, cancelled: threading.Event | None) -> Any:
         """Wait for a scheduled job under the request timeout; a client that leaves frees its slot."""
         deadline = time.monotonic() + self.settings.request_timeout_s
+        timeout = ApiError(504, "timeout", f"request took longer than {self.settings.request_timeout_s:g}s")
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ApiError(504, "timeout", f"request took longer than {self.settings.request_timeout_s:g}s")
+                    raise timeout
                 done, _ = await asyncio.wait({fut}, timeout=min(0.5, remaining))
                 if done:
-                    return fut.result()
+                    try:
+                        return fut.result()
+                    except DeadlineExceeded:  # dropped unrun at its deadline by the scheduling policy
+                        raise timeout from None
                 if self.drain_expired:
                     raise self._shutting_down()
                 if not self.draining and await request.is_disconnected():
@@ -381,17 +388,23 @@ class Serving:
     def _schedule(self, submit: Callable[[], asyncio.Future]) -> asyncio.Future:
         try:
             return submit()
-        except QueueFull:
-            raise ApiError(
-                429, "queue_full", "the server is at capacity; retry shortly", headers={"Retry-After": "1"}
-            ) from None
+        except QueueFull as exc:
+            raise ApiError(429, "queue_full", exc.message, headers={"Retry-After": "1"}) from None
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    @staticmethod
+    def _key(request: Request) -> str | None:
+        """The caller's API key id (None without auth): the unit of fair shares."""
+        return (request.scope.get("state") or {}).get("key_id")
 
     # ---- generation -------------------------------------------------------------
     async def generate(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         t0 = time.perf_counter()
         _, scheduler = self.require_ready()
         job = GenerationJob(prompt_ids, params)
-        fut = self._schedule(lambda: scheduler.generate(job))
+        fut = self._schedule(lambda: scheduler.generate(job, self._key(request), self._deadline()))
         result: GenerationResult = await self._await(fut, request, job.cancelled)
         self._observe(t0, result)
         return result
@@ -419,7 +432,7 @@ class Serving:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         job = GenerationJob(prompt_ids, params, on_text=lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p))
-        fut = self._schedule(lambda: scheduler.generate(job))
+        fut = self._schedule(lambda: scheduler.generate(job, self._key(request), self._deadline()))
         deadline = time.monotonic() + self.settings.request_timeout_s
 
         async def events() -> AsyncIterator[str]:
@@ -469,13 +482,15 @@ class Serving:
     # ---- scoring ------------------------------------------------------------------
     async def score(self, request: Request, items: list[ScoreItem]) -> list:
         _, scheduler = self.require_ready()
-        fut = self._schedule(lambda: scheduler.score(items))
-        return await self._await(fut, request, None)
+        cancelled = threading.Event()
+        fut = self._schedule(lambda: scheduler.score(items, self._key(request), cancelled))
+        return await self._await(fut, request, cancelled)
 
     async def call(self, request: Request, fn: Callable[[Engine], Any]) -> Any:
         _, scheduler = self.require_ready()
-        fut = self._schedule(lambda: scheduler.call(fn))
-        return await self._await(fut, request, None)
+        cancelled = threading.Event()
+        fut = self._schedule(lambda: scheduler.call(fn, self._key(request), cancelled))
+        return await self._await(fut, request, cancelled)
 
 
 def sse(obj: Any, event: str | None = None) -> str:

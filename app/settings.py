@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_wait_ms: float = Field(8.0, ge=0, le=1000)
     queue_size: int = Field(64, ge=1)
+    key_queue_share: float = Field(
+        0.5, gt=0, le=1, description="most of the queue (waiting and running) one API key may hold"
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="token budget of the running batch (prompt + max new tokens per row); default: "
+        "max_batch_size x half the context, so long generations leave rows to short ones",
+    )
+    max_prompts_per_request: int = Field(16, ge=1, le=64, description="most prompts in one /v1/completions call")
     request_timeout_s: float = Field(120.0, gt=0)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     max_connections: int = Field(

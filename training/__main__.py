@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from training.pipeline import STAGES
+    from training.registry import STAGES
 
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

@@ -19,7 +19,8 @@ from typing import Any
 from app.manifest import MANIFEST, file_digests, read_manifest, sha256_file, verify_checkpoint
 from training.config import Recipe
 from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
-from training.pipeline import STAGES, model_dir
+from training.registry import STAGES, published_stage
+from training.stages import Stage
 
 __all__ = ["PublishError", "check_destination", "publish", "verify_checkpoint"]
 
@@ -105,9 +106,8 @@ def publish(
 ) -> dict[str, Any]:
     """Assemble the checkpoint from the stage folders and rename it into ``out``."""
     check_destination(out, force=force, fingerprint=recipe.fingerprint())
-    model_stage = work / ("gptq" if recipe.quantize.enabled else "dpo")
     eval_stage = work / "eval"
-    src = model_dir(model_stage)
+    src = Stage(work, published_stage(recipe)).model_dir
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -21,11 +21,10 @@ from app.scoring import Score, combine, score_texts
 from training.config import Recipe
 from training.data import MedTextRow, heldout_rows, role_for_case
 from training.evidence import CasePrompter, case_prompter
-from training.pipeline import model_dir
 from training.preferences import mismatched_negatives, shuffled_negatives
+from training.registry import MODEL_STAGES
 from training.stages import Stage, write_json
 
-EVAL_STAGES = ("base", "sft", "dpo", "gptq")
 PAPER = {"dpo_gptq_perplexity": 1.98, "baseline_perplexity": 12.5}
 
 
@@ -55,12 +54,12 @@ def run_evaluate(stage: Stage, work: Path, recipe: Recipe) -> Path:
     chosen: dict[str, list[Score]] = {}
     rejected: dict[str, dict[str, list[Score]]] = {kind: {} for kind in negatives}
     # a stage folder without a model (GPTQ turned off) is not evaluated
-    stages = [s for s in EVAL_STAGES if (model_dir(work / s) / "config.json").is_file()]
+    stages = [s for s in MODEL_STAGES if (Stage(work, s).model_dir / "config.json").is_file()]
     samples: list[dict[str, Any]] = []
     generations: list[dict[str, Any]] = []
     plain: dict[str, list[Score]] = {}
     for name in stages:
-        folder = model_dir(work / name)
+        folder = Stage(work, name).model_dir
         model, tokenizer = load_stage_model(folder)
         prompter = case_prompter(tokenizer, recipe, work)
         prompts = [prompter(r) for r in rows]

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import Recipe
+from training.registry import STAGES
 from training.stages import Stage
-
-STAGES = ("base", "evidence", "sft", "dpo", "gptq", "eval")
 
 
 def _key(*parts: object) -> str:
@@ -45,7 +44,9 @@ def stage_keys(recipe: Recipe) -> dict[str, str]:
     dpo = _key(sft, recipe.dpo)
     gptq = _key(dpo, recipe.quantize)
     evaluate = _key(gptq, recipe.evaluate, recipe.data.eval_rows)
-    return {"base": base, "evidence": evidence, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
+    keys = {"base": base, "evidence": evidence, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
+    assert keys.keys() == STAGES.keys(), "every registered stage has a key"
+    return keys
 
 
 @dataclass
@@ -87,35 +88,7 @@ def run_pipeline(
             stage.begin()
             (stage.partial / "STAGE_KEY").write_text(keys[name])
             t0 = time.time()
-            if name == "base":
-                if recipe.base.path:
-                    _reference_base(stage, recipe)
-                else:
-                    from training.base import build_base
-
-                    build_base(stage, recipe.base.build, recipe.seed, recipe.data.train_rows)
-            elif name == "evidence":
-                from training.evidence import run_evidence_stage
-
-                run_evidence_stage(stage, recipe)
-            elif name == "sft":
-                from training.sft import run_sft
-
-                run_sft(stage, Stage(work, "base").final, recipe)
-            elif name == "dpo":
-                from training.dpo import run_dpo
-
-                run_dpo(stage, Stage(work, "sft").final, recipe)
-            elif name == "gptq" and not recipe.quantize.enabled:
-                stage.finish({"skipped": True, "reason": "quantize.enabled is false: the DPO model is published"})
-            elif name == "gptq":
-                from training.quantize import run_quantize
-
-                run_quantize(stage, Stage(work, "dpo").final, recipe)
-            elif name == "eval":
-                from training.evaluate import run_evaluate
-
-                run_evaluate(stage, work, recipe)
+            STAGES[name].run(stage, work, recipe)
             _stamp_key(stage, keys[name], time.time() - t0)
             result.seconds[name] = round(time.time() - t0, 1)
             log(f"[{name}] finished in {result.seconds[name]:.0f}s")
@@ -134,18 +107,3 @@ def _stamp_key(stage: Stage, key: str, seconds: float) -> None:
     info = json.loads(info_path.read_text())
     info.update({"key": key, "seconds": round(seconds, 1)})
     info_path.write_text(json.dumps(info, indent=1, default=str))
-
-
-def _reference_base(stage: Stage, recipe: Recipe) -> None:
-    """An external base folder is used in place, not copied: record where it is."""
-    path = Path(recipe.base.path or "").expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"base.path {path} is not a Hugging Face model folder (no config.json there)")
-    (stage.partial / "BASE_PATH").write_text(str(path.resolve()))
-    stage.finish({"external": str(path.resolve())})
-
-
-def model_dir(stage_folder: Path) -> Path:
-    """The folder holding a stage's model: itself, or the external base it names."""
-    pointer = stage_folder / "BASE_PATH"
-    return Path(pointer.read_text().strip()) if pointer.is_file() else stage_folder

@@ -13,7 +13,6 @@ from training.config import Recipe
 from training.data import MedTextRow, train_rows
 from training.evidence import CasePrompter, case_prompter
 from training.hf import common_args, load_model, load_tokenizer, train_resumable
-from training.pipeline import model_dir
 from training.stages import Stage, write_json
 
 
@@ -21,12 +20,12 @@ def sft_examples(prompter: CasePrompter, rows: list[MedTextRow]) -> list[dict[st
     return [{"prompt": prompter(r), "completion": r.completion} for r in rows]
 
 
-def run_sft(stage: Stage, base_stage: Path, recipe: Recipe) -> Path:
+def run_sft(stage: Stage, base_stage: Stage, recipe: Recipe) -> Path:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     work = stage.begin()
-    src = model_dir(base_stage)
+    src = base_stage.model_dir
     tokenizer = load_tokenizer(src)
     rows = train_rows(recipe.data.train_rows)
     write_json(work / "medtext_ids.json", [r.id for r in rows])

@@ -56,6 +56,12 @@ class Stage:
     def info(self) -> dict[str, Any]:
         return json.loads((self.final / "STAGE_DONE.json").read_text())
 
+    @property
+    def model_dir(self) -> Path:
+        """The folder holding this stage's model: its own, or the external base it names."""
+        pointer = self.final / "BASE_PATH"
+        return Path(pointer.read_text().strip()) if pointer.is_file() else self.final
+
 
 def progress_interval() -> float:
     """Seconds between progress-bar refreshes: lively on a terminal, sparse in logs."""

@@ -89,11 +89,20 @@ def _check_n(svc: Serving, n: int, stream: bool, rows: int = 1) -> None:
         raise ApiError(400, "invalid_request_error", f"n must be at most {limit} on this server (MEDASK_MAX_N)", "n")
     if stream and n > 1:
         raise ApiError(400, "invalid_request_error", "stream supports n=1; ask without stream for more choices", "n")
-    if rows * n > svc.settings.queue_size:
+    if rows > svc.settings.max_prompts_per_request:
         raise ApiError(
             400,
             "invalid_request_error",
-            f"prompts x n = {rows * n} exceeds the queue ({svc.settings.queue_size}); split the request",
+            f"at most {svc.settings.max_prompts_per_request} prompts per request on this server "
+            "(MEDASK_MAX_PROMPTS_PER_REQUEST); split the batch",
+            "prompt",
+        )
+    share = max(1, int(svc.settings.queue_size * svc.settings.key_queue_share))
+    if rows * n > share:
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            f"prompts x n = {rows * n} exceeds one caller's share of the queue ({share}); split the request",
             "prompt",
         )
 
@@ -256,7 +265,7 @@ def _logprobs_block(
     if result is not None:
         pos = offset0
         for i, (tid, lp) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
-            piece = engine.tokenizer.decode([tid])
+            piece = engine.front.decode([tid])
             tokens.append(piece)
             lps.append(lp)
             tops.append(result.top[i] if result.top else {piece: lp})
@@ -308,7 +317,7 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
                     "prompt",
                 )
             ids = list(p)
-            texts.append(engine.tokenizer.decode(ids))
+            texts.append(engine.front.decode(ids))
         if not ids:
             raise ApiError(400, "invalid_request_error", "prompt encodes to no tokens", "prompt")
         svc.check_context(len(ids), req.max_tokens, "max_tokens")

@@ -27,7 +27,7 @@ async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Se
             context, target = item.context, item.text
         else:
             question, target = item.question or "", item.answer or ""
-            context = render_prompt(engine.tokenizer, question, item.role)
+            context = render_prompt(engine.front, question, item.role)
             if item.evidence:  # the prompt /ask would build, evidence block included
                 svc.require_evidence(f"items[{i}].evidence")
                 room = (
@@ -37,8 +37,8 @@ async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Se
                     - EVIDENCE_FRAME_TOKENS
                 )
                 _, block = svc.retrieve(item.role, question, None, room)
-                context = render_prompt(engine.tokenizer, question, item.role, block)
-        encoded = encode_for_scoring(engine.tokenizer, context, target)  # once: checked here, scored as is
+                context = render_prompt(engine.front, question, item.role, block)
+        encoded = encode_for_scoring(engine.front, context, target)  # once: checked here, scored as is
         if len(encoded[0]) > engine.context_length:
             svc.check_context(len(encoded[0]), 0, f"items[{i}]")
         items.append((context, target, encoded))
