@@ -86,7 +86,8 @@ def _clean_role(v: str) -> str:
 class HistoryTurn(BaseModel):
     model_config = _STRICT
     role: Literal["user", "assistant"]
-    content: str = Field(..., min_length=1, max_length=MAX_TEXT_CHARS)
+    # a turn is a question or an answer: the question's bound keeps a history within the body limit
+    content: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
 
 
 class AskRequest(_Request):
@@ -105,7 +106,7 @@ class AskRequest(_Request):
     evidence_k: int | None = Field(None, ge=1, le=10, description="passages to retrieve; default: the trained k")
     history: list[HistoryTurn] = Field(
         default_factory=list,
-        max_length=64,
+        max_length=32,
         description="earlier turns of the conversation, oldest first; the oldest are dropped when the context "
         "is full (the role always stays)",
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,24 +42,12 @@ def main() -> None:
 
 
 def _measure(engine: Engine, args: argparse.Namespace) -> list[dict]:
-    from app.engine import GenerationJob, SamplingParams
-    from training.data import heldout_rows, role_for_case
+    from benchmarks.common import decode_rates, heldout_prompts
 
-    rows_ = heldout_rows()
-    prompts = [engine.encode_question(r.prompt, role_for_case(r.prompt)) for r in rows_]
-    engine.generate([GenerationJob(prompts[0], SamplingParams(8))])
+    prompts = heldout_prompts(engine)
     rows = []
     for size in args.sizes:
-        best = 0.0
-        for rep in range(args.repeats):
-            jobs = [
-                GenerationJob(prompts[(rep * size + i) % len(prompts)], SamplingParams(max_new_tokens=args.tokens))
-                for i in range(size)
-            ]
-            t0 = time.perf_counter()
-            results = engine.generate(jobs)
-            dt = time.perf_counter() - t0
-            best = max(best, sum(len(r.token_ids) for r in results) / dt)
+        best = max(decode_rates(engine, prompts, args.tokens, batch=size, repeats=args.repeats))
         rows.append({"dtype": engine.info()["dtype"], "batch": size, "tok_s": best})
     for r in rows:
         r["ratio_vs_batch_1"] = r["tok_s"] / rows[0]["tok_s"]

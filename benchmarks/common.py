@@ -61,6 +61,14 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_ok(url: str, seconds: float = 180) -> bool:
     """Poll ``url`` until it answers 200 (a server finished loading); False after ``seconds``."""
     import time
@@ -76,3 +84,33 @@ def wait_ok(url: str, seconds: float = 180) -> bool:
             pass
         time.sleep(0.2)
     return False
+
+
+def heldout_prompts(engine: Any, count: int | None = None) -> list[list[int]]:
+    """Served prompts (role + question) of held-out MedText rows: what every decode benchmark feeds."""
+    from training.data import heldout_rows, role_for_case
+
+    rows = heldout_rows()[:count] if count else heldout_rows()
+    return [engine.encode_question(r.prompt, role_for_case(r.prompt)) for r in rows]
+
+
+def decode_rates(engine: Any, prompts: list[list[int]], tokens: int, batch: int = 1, repeats: int = 1) -> list[float]:
+    """Generated tokens per second of greedy decoding, one number per timed batch, after a warm-up.
+
+    Batch ``b`` of repeat ``r`` decodes prompts ``r*b .. r*b+b-1`` (wrapping) together, so every
+    benchmark times the same work the same way (prefill included, as a client sees it)."""
+    import time
+
+    from app.engine import GenerationJob, SamplingParams
+
+    engine.generate([GenerationJob(prompts[0], SamplingParams(8))])  # warm-up: first-call allocations
+    rates = []
+    for rep in range(repeats):
+        jobs = [
+            GenerationJob(prompts[(rep * batch + i) % len(prompts)], SamplingParams(max_new_tokens=tokens))
+            for i in range(batch)
+        ]
+        t0 = time.perf_counter()
+        results = engine.generate(jobs)
+        rates.append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t0))
+    return rates

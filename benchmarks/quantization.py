@@ -40,9 +40,10 @@ def measure(folder: Path, kind: str, tokens: int, repeats: int, rows: int) -> di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.engine import Engine, GenerationJob, SamplingParams
+    from app.engine import Engine
     from app.scoring import combine
-    from training.data import heldout_rows, role_for_case
+    from benchmarks.common import decode_rates, heldout_prompts
+    from training.data import heldout_rows
     from training.evaluate import score_answers
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -60,15 +61,7 @@ def measure(folder: Path, kind: str, tokens: int, repeats: int, rows: int) -> di
         size = disk_bytes(on_disk)
     engine = Engine(model, tokenizer, folder, {}, "cpu", load_s)
     held = heldout_rows()
-    engine.generate(
-        [GenerationJob(engine.encode_question(held[0].prompt, role_for_case(held[0].prompt)), SamplingParams(8))]
-    )
-    rates = []
-    for row in held[:repeats]:
-        ids = engine.encode_question(row.prompt, role_for_case(row.prompt))
-        t1 = time.perf_counter()
-        res = engine.generate([GenerationJob(ids, SamplingParams(max_new_tokens=tokens))])[0]
-        rates.append(len(res.token_ids) / (time.perf_counter() - t1))
+    rates = decode_rates(engine, heldout_prompts(engine, repeats), tokens, repeats=repeats)
     sample = held[:rows]
     total = combine(score_answers(model, tokenizer, sample))
     return {

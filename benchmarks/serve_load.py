@@ -29,6 +29,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import free_port  # noqa: E402
+
 
 @dataclass
 class Target:
@@ -39,16 +41,8 @@ class Target:
     error: str | None = None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_medask(model: str, batching: bool, log: Path) -> Target:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MEDASK_MODEL_DIR": model,
@@ -71,7 +65,7 @@ def start_medask(model: str, batching: bool, log: Path) -> Target:
 
 
 def start_peer(model: str, log: Path) -> Target:
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
     t = Target("transformers serve", f"http://127.0.0.1:{port}", str(Path(model).resolve()))
     try:

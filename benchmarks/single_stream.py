@@ -12,7 +12,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,9 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from app.engine import Engine, GenerationJob, SamplingParams
-    from benchmarks.common import report
-    from training.data import heldout_rows, role_for_case
+    from app.engine import Engine
+    from benchmarks.common import decode_rates, heldout_prompts, report
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
@@ -31,16 +29,7 @@ def main() -> None:
     args = p.parse_args()
 
     engine = Engine.load(Path(args.model))
-    rows = heldout_rows()[: args.repeats]
-    engine.generate([GenerationJob(engine.encode_question(rows[0].prompt, "General Practitioner"), SamplingParams(8))])
-    rates, counts = [], []
-    for row in rows:
-        ids = engine.encode_question(row.prompt, role_for_case(row.prompt))
-        t0 = time.perf_counter()
-        res = engine.generate([GenerationJob(ids, SamplingParams(max_new_tokens=args.tokens))])[0]
-        dt = time.perf_counter() - t0
-        rates.append(len(res.token_ids) / dt)
-        counts.append(len(res.token_ids))
+    rates = decode_rates(engine, heldout_prompts(engine, args.repeats), args.tokens, repeats=args.repeats)
     report(
         "single-stream decode",
         [
@@ -48,7 +37,7 @@ def main() -> None:
                 "model": args.model,
                 "kernel": engine.kernel,
                 "dtype": engine.info()["dtype"],
-                "tokens_per_request": statistics.mean(counts),
+                "max_new_tokens": args.tokens,
                 "tok_s_median": statistics.median(rates),
                 "tok_s_best": max(rates),
             }

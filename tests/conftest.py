@@ -145,3 +145,18 @@ def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPath
     assert srv.proc.poll() is None, f"server died:\n{srv.log_text()[-3000:]}"
     yield srv
     stop_server(srv)
+
+
+# ---- test layers ------------------------------------------------------------
+
+# fixtures that train, load or serve a model: a test using any of them is slow
+SLOW_FIXTURES = {"ci_run", "ci_checkpoint", "ci_pack", "server", "srv", "busy", "tokenizer", "reference"}
+# modules that start servers, train or load models themselves, without those fixtures
+SLOW_MODULES = {"test_default_model", "test_engine", "test_startup", "test_training", "test_shutdown", "test_scoring"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -63,3 +63,46 @@ def test_a_malformed_data_row_names_file_and_line(tmp_path: Path, monkeypatch: p
             data.load_medtext()
     finally:
         data.load_medtext.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("sft.lr=0", "sft.lr"),
+        ("dpo.lr=-1e-5", "dpo.lr"),
+        ("sft.epochs=0", "sft.epochs"),
+        ("dpo.batch_size=0", "dpo.batch_size"),
+        ("dpo.beta=0", "dpo.beta"),
+        ("base.build.steps=0", "base.build.steps"),
+        ("base.build.block_size=4096", "block_size (4096) must be at most max_position_embeddings"),
+        ("base.build.num_heads=7", "hidden_size (128) must be a multiple of num_heads (7)"),
+        ("base.build.warmup_steps=100000", "warmup_steps"),
+        ("sft.max_length=100000", "sft.max_length (100000) must be at most base.build.max_position_embeddings"),
+        ("quantize.group_size=100", "quantize.group_size"),
+        (
+            "base.build.intermediate_size=200",
+            "base.build.intermediate_size (200) must be a multiple of quantize.group_size",
+        ),
+        ("data.train_rows=1", "data.train_rows"),
+        ("evaluate.batch_size=0", "evaluate.batch_size"),
+    ],
+)
+def test_recipe_bounds_and_rules_are_one_line_errors_naming_the_key(override: str, names: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe(CI_RECIPE, [override])
+    message = str(err.value)
+    assert names in message and "\n" not in message, message
+
+
+def test_switches_are_explicit_and_keep_the_published_keys() -> None:
+    from training.pipeline import stage_keys
+
+    on = load_recipe(CI_RECIPE)
+    off = load_recipe(CI_RECIPE, ["sft.enabled=false"])
+    assert on.sft.enabled and not off.sft.enabled
+    # the switch is left out of the hash while on (stage folders built before it existed stay valid)
+    assert "enabled" not in on.sft.model_dump() and off.sft.model_dump()["enabled"] is False
+    assert stage_keys(on)["sft"] != stage_keys(off)["sft"] and stage_keys(on)["base"] == stage_keys(off)["base"]
+    assert load_recipe(
+        CI_RECIPE, ["quantize.group_size=128", "quantize.enabled=false", "base.build.intermediate_size=200"]
+    )

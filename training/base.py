@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from app.prompting import CHAT_TEMPLATE, MARKER_TOKENS
-from training.config import BuildConfig
+from training.config import BuildSection
 from training.data import medquad_texts, medtext_train_texts
 from training.stages import Stage, progress_interval, write_json
 
@@ -24,7 +24,7 @@ EOS = "<|end|>"
 PAD = "<|pad|>"
 
 
-def corpus(cfg: BuildConfig, train_limit: int | None) -> list[str]:
+def corpus(cfg: BuildSection, train_limit: int | None) -> list[str]:
     """Pretraining documents: never a held-out MedText row (see training.data)."""
     return medquad_texts(cfg.medquad_docs) + medtext_train_texts(train_limit)
 
@@ -50,14 +50,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> object:
     return tok
 
 
-def _lr_at(step: int, cfg: BuildConfig) -> float:
+def _lr_at(step: int, cfg: BuildSection) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def build_base(stage: Stage, cfg: BuildConfig, seed: int, train_limit: int | None) -> Path:
+def build_base(stage: Stage, cfg: BuildSection, seed: int, train_limit: int | None) -> Path:
     """Train tokenizer and model; resume from ``state.pt`` in the partial folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

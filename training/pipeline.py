@@ -7,7 +7,6 @@ the same settings (its key), so a rerun resumes at the first missing stage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,14 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import Recipe
+from training.config import Recipe, digest
 from training.registry import STAGES
 from training.stages import Stage
-
-
-def _key(*parts: object) -> str:
-    blob = json.dumps([p if not hasattr(p, "model_dump") else p.model_dump(mode="json") for p in parts], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def data_digest() -> str:
@@ -32,18 +26,18 @@ def data_digest() -> str:
     from app.manifest import sha256_file
     from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
 
-    return _key(*(sha256_file(p) for p in (MEDTEXT_PATH, MEDQUAD_PATH, SPLIT_PATH)))
+    return digest(*(sha256_file(p) for p in (MEDTEXT_PATH, MEDQUAD_PATH, SPLIT_PATH)))
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
     """Each stage's key covers the data, its own settings and every upstream stage's."""
     data = data_digest()
-    base = _key(recipe.base, recipe.data.train_rows, recipe.seed, data)
-    evidence = _key(recipe.evidence, recipe.data.train_rows, data)
-    sft = _key(base, evidence, recipe.sft, recipe.dtype)
-    dpo = _key(sft, recipe.dpo)
-    gptq = _key(dpo, recipe.quantize)
-    evaluate = _key(gptq, recipe.evaluate, recipe.data.eval_rows)
+    base = digest(recipe.base, recipe.data.train_rows, recipe.seed, data)
+    evidence = digest(recipe.evidence, recipe.data.train_rows, data)
+    sft = digest(base, evidence, recipe.sft, recipe.dtype)
+    dpo = digest(sft, recipe.dpo)
+    gptq = digest(dpo, recipe.quantize)
+    evaluate = digest(gptq, recipe.evaluate, recipe.data.eval_rows)
     keys = {"base": base, "evidence": evidence, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
     assert keys.keys() == STAGES.keys(), "every registered stage has a key"
     return keys
@@ -77,7 +71,7 @@ def run_pipeline(
         if stage.done() and (upstream_rebuilt or _stale(stage, keys[name])):
             log(f"[{name}] settings changed: rebuilding this stage")
             shutil.rmtree(stage.final)
-        if stage.partial.exists() and _partial_key(stage) not in (None, keys[name]):
+        if stage.partial.exists() and _partialdigest(stage) not in (None, keys[name]):
             log(f"[{name}] discarding a partial run made with other settings")
             shutil.rmtree(stage.partial)
         if stage.done():
@@ -89,7 +83,7 @@ def run_pipeline(
             (stage.partial / "STAGE_KEY").write_text(keys[name])
             t0 = time.time()
             STAGES[name].run(stage, work, recipe)
-            _stamp_key(stage, keys[name], time.time() - t0)
+            _stampdigest(stage, keys[name], time.time() - t0)
             result.seconds[name] = round(time.time() - t0, 1)
             log(f"[{name}] finished in {result.seconds[name]:.0f}s")
         if name == until:
@@ -97,12 +91,12 @@ def run_pipeline(
     return result
 
 
-def _partial_key(stage: Stage) -> str | None:
+def _partialdigest(stage: Stage) -> str | None:
     path = stage.partial / "STAGE_KEY"
     return path.read_text().strip() if path.is_file() else None
 
 
-def _stamp_key(stage: Stage, key: str, seconds: float) -> None:
+def _stampdigest(stage: Stage, key: str, seconds: float) -> None:
     info_path = stage.final / "STAGE_DONE.json"
     info = json.loads(info_path.read_text())
     info.update({"key": key, "seconds": round(seconds, 1)})

@@ -30,7 +30,7 @@ def run_sft(stage: Stage, base_stage: Stage, recipe: Recipe) -> Path:
     rows = train_rows(recipe.data.train_rows)
     write_json(work / "medtext_ids.json", [r.id for r in rows])
     model = load_model(src, recipe)
-    if recipe.sft.epochs <= 0:
+    if not recipe.sft.enabled:
         # the paper's setup goes straight to DPO: pass the base through, with our template
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
