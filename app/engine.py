@@ -81,6 +81,11 @@ class GenerationResult:
     def score(self) -> Score:
         return score_from_logprobs(self.logprobs, self.text)
 
+    @property
+    def finish(self) -> str:
+        """The finish reason clients see: ``stop`` (end of sequence or a stop string) or ``length``."""
+        return "stop" if self.finish_reason == "stop" else "length"
+
 
 @dataclass
 class PromptLogprobs:

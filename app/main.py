@@ -56,9 +56,7 @@ def _load(serving: Serving) -> None:
         if serving.settings.exit_on_load_failure:
             logging.shutdown()
             os._exit(LOAD_FAILURE_EXIT)
-    except Exception as exc:  # anything else while loading is as fatal, and said as plainly
-        serving.load_error = f"{type(exc).__name__}: {exc}"
-        serving.state = "failed"
+    except Exception:  # anything else while loading is as fatal (Serving.load recorded why)
         log.exception("model load failed", extra={"event": "load_failed"})
         if serving.settings.exit_on_load_failure:
             logging.shutdown()

@@ -67,28 +67,28 @@ class Serving:
 
     # ---- lifecycle ----------------------------------------------------------
     def load(self) -> None:
-        """Load the checkpoint once, start the worker, warm up; then ready."""
-        s = self.settings
+        """Load the checkpoint once, warm up, start the worker; then ready. The only writer of
+        readiness: whatever fails on the way is recorded here for /ready to say."""
         self.state = "loading"
+        try:
+            self._load()
+        except Exception as exc:
+            self.load_error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            raise
+
+    def _load(self) -> None:
+        s = self.settings
         try:
             # the rules first: a broken rule file is refused before minutes of model loading
             self.safety = SafetyLayer.load(s.safety_rules, s.emergency_number, s.crisis_line)
         except SafetyRulesError as exc:
-            self.load_error = str(exc)
-            self.state = "failed"
             raise CheckpointError(str(exc)) from exc
         try:
             self.evidence = self._load_evidence()
         except EvidenceError as exc:
-            self.load_error = str(exc)
-            self.state = "failed"
             raise CheckpointError(str(exc)) from exc
-        try:
-            engine = Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
-        except CheckpointError as exc:
-            self.load_error = str(exc)
-            self.state = "failed"
-            raise
+        engine = Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
         self.engine = engine
         self.metrics.model_load_seconds.set(engine.load_seconds)
         self.metrics.model_info.labels(

@@ -391,7 +391,9 @@ def test_audit_option_logs_digests_only(ci_checkpoint, tmp_path) -> None:
     finally:
         stop_server(srv)
     log = srv.log_text()
-    records = [json.loads(line) for line in log.splitlines() if '"event": "request"' in line]
+    # libraries print banners to stdout, block-buffered into the same file: a log record may follow
+    # a partial banner line, so each record is read from its opening brace
+    records = [json.loads(line[line.index('{"'):]) for line in log.splitlines() if '"event": "request"' in line]
     audits = [rec["audit"] for rec in records if rec.get("route") == "/ask" and "audit" in rec]
     digest = hashlib.sha256(question.encode()).hexdigest()
     assert len(audits) == 2 and all(a["question_sha256"] == digest for a in audits), audits

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from app.serving import Serving
 
@@ -21,3 +23,7 @@ STREAMED = {"content": {"text/event-stream": {}}}
 
 def serving(request: Request) -> Serving:
     return request.app.state.serving
+
+
+# the handler object every route is given
+ServingDep = Annotated[Serving, Depends(serving)]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from app.engine import GenerationResult, SamplingParams
 from app.evidence import Passage
-from app.routes import ERRORS, STREAMED, serving
+from app.routes import ERRORS, STREAMED, ServingDep
 from app.safety import Triage
 from app.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
 from app.serving import Serving, new_id, sse
@@ -32,7 +32,7 @@ def _summary(
     else:
         answer, q = svc.answer(result, req.question, triage, passages or [])
         perplexity, quality = round(result.score.perplexity, 4), q.public()
-        finish = "stop" if result.finish_reason == "stop" else "length"
+        finish = result.finish
         prompt_tokens, completion_tokens = result.prompt_tokens, len(result.token_ids)
     return AskResponse(
         id=rid,
@@ -75,7 +75,7 @@ def advice_events(triage: Triage) -> list[str]:
     },
     summary="Answer a clinical question in a role, with triage, cited evidence and a quality gate",
 )
-async def ask(req: AskRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
+async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     t0 = time.perf_counter()
     svc.require_ready()
     # every user turn is triaged: an emergency said earlier in the conversation is still one
@@ -117,5 +117,5 @@ def _delivered(svc: Serving, request: Request, summary: dict[str, Any]) -> dict[
 
 
 @router.get("/roles", summary="Configured specialties (free-text roles up to 64 characters are accepted too)")
-async def roles(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+async def roles(svc: ServingDep) -> dict[str, Any]:
     return {"roles": list(svc.settings.role_list), "free_text_max_chars": 64, "default": "General Practitioner"}

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import platform
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from app.errors import error_body
 from app.metrics import CONTENT_TYPE
-from app.routes import serving
-from app.serving import Serving
+from app.routes import ServingDep
 
 router = APIRouter(tags=["operations"])
 
@@ -32,7 +31,7 @@ async def health() -> dict[str, str]:
     summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded",
     responses={503: {"description": "Not ready, with the reason"}},
 )
-async def ready(svc: Annotated[Serving, Depends(serving)]) -> Any:
+async def ready(svc: ServingDep) -> Any:
     if svc.ready:
         return {"status": "ready", "model": svc.model_name}
     message = f"not ready: {svc.load_error or 'model is ' + svc.state.replace('_', ' ')}"
@@ -41,7 +40,7 @@ async def ready(svc: Annotated[Serving, Depends(serving)]) -> Any:
 
 
 @router.get("/info", summary="The served model: name, base, quantization, kernel, device, held-out metrics, versions")
-async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+async def info(svc: ServingDep) -> dict[str, Any]:
     engine, scheduler = svc.require_ready()
     out = engine.info()
     out["model"] = svc.model_name
@@ -82,5 +81,5 @@ async def info(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
 )
-async def metrics(svc: Annotated[Serving, Depends(serving)]) -> Response:
+async def metrics(svc: ServingDep) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE)

@@ -15,15 +15,27 @@ import asyncio
 import dataclasses
 import re
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
 from app.errors import ApiError
 from app.prompting import DEFAULT_ROLE, Turn, role_problem
-from app.routes import ERRORS, STREAMED, serving
-from app.schemas import MAX_QUESTION_CHARS, ChatCompletionRequest, ChatMessage, CompletionRequest, openai_usage
+from app.routes import ERRORS, STREAMED, ServingDep
+from app.schemas import (
+    MAX_QUESTION_CHARS,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    openai_usage,
+)
 from app.serving import Serving, new_id, sse
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -62,25 +74,22 @@ def conversation(messages: list[ChatMessage]) -> tuple[str, list[Turn], str]:
     return role_from_system(system[0].text if system else None), turns[:-1], question
 
 
-def model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "medask"}
-
-
-@router.get("/models", summary="The one served model")
-async def models(svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+@router.get("/models", response_model=ModelList, summary="The one served model")
+async def models(svc: ServingDep) -> ModelList:
     svc.require_ready()
-    return {"object": "list", "data": [model_card(svc.model_name)]}
+    return ModelList(data=[ModelCard(id=svc.model_name)])
 
 
 @router.get(
     "/models/{model_id:path}",
+    response_model=ModelCard,
     summary="The served model by id (or an alias)",
     responses={404: {"description": "model_not_found"}},
 )
-async def model(model_id: str, svc: Annotated[Serving, Depends(serving)]) -> dict[str, Any]:
+async def model(model_id: str, svc: ServingDep) -> ModelCard:
     svc.require_ready()
     svc.check_model(model_id)
-    return model_card(model_id)
+    return ModelCard(id=model_id)
 
 
 def _check_n(svc: Serving, n: int, stream: bool, rows: int = 1) -> None:
@@ -114,10 +123,6 @@ def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
-def _finish(result: GenerationResult) -> str:
-    return "stop" if result.finish_reason == "stop" else "length"
-
-
 def _chunk(
     cid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], usage: Any = None
 ) -> dict[str, Any]:
@@ -139,6 +144,7 @@ def _closing(
 
 @router.post(
     "/chat/completions",
+    response_model=ChatCompletionResponse,
     responses={**ERRORS, 200: STREAMED, 404: {"description": "model_not_found"}},
     summary="OpenAI chat completions (system or developer message = role; earlier turns are the conversation)",
     description="Beside OpenAI's fields the response carries `triage` (the deterministic red-flag layer over every "
@@ -148,7 +154,7 @@ def _closing(
     "model call (`finish_reason: content_filter`). The conversation goes through the checkpoint's chat template; "
     "when it is longer than the context the oldest turns are dropped, never the role.",
 )
-async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
+async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) -> Any:  # a response or a stream
     engine, _ = svc.require_ready()
     svc.check_model(req.model)
     _check_n(svc, req.n, req.stream)
@@ -168,7 +174,9 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
                 [sse(first), *_closing(cid, created, model, obj, last, openai_usage(0, 0), req.include_usage)]
             )
         choices = [_message(i, content, "content_filter", None) for i in range(req.n)]
-        return _chat_body(cid, created, model, choices, openai_usage(0, 0), extra)
+        return ChatCompletionResponse(
+            id=cid, created=created, model=model, choices=choices, usage=openai_usage(0, 0), **extra
+        )
     max_new = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if max_new is None:
@@ -193,7 +201,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
 
         def on_done(result: GenerationResult) -> list[str]:
             content, quality = svc.answer(result, question, triage, passages)
-            last = _chunk(cid, created, model, obj, [_delta(0, {}, _finish(result))])
+            last = _chunk(cid, created, model, obj, [_delta(0, {}, result.finish)])
             last.update({"triage": triage.public(), "quality": quality.public(), "citations": citations})
             svc.note(request, 0, 0, answer=content)
             usage = openai_usage(result.prompt_tokens, len(result.token_ids))
@@ -207,7 +215,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
     choices, qualities = [], []
     for i, result in enumerate(results):
         content, quality = svc.answer(result, question, triage, passages)
-        choices.append(_message(i, content, _finish(result), quality.public()))
+        choices.append(_message(i, content, result.finish, quality.public()))
         qualities.append(quality.public())
     completion = sum(len(r.token_ids) for r in results)
     svc.note(
@@ -216,38 +224,29 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: Annotated[Serv
         completion,
         question=question,
         role=role,
-        answer=choices[0]["message"]["content"],
+        answer=choices[0].message.content,
     )
-    fields = {"triage": triage.public(), "quality": qualities[0], "citations": citations}
-    return _chat_body(cid, created, model, choices, openai_usage(results[0].prompt_tokens, completion), fields)
+    usage = openai_usage(results[0].prompt_tokens, completion)
+    return ChatCompletionResponse(
+        id=cid,
+        created=created,
+        model=model,
+        choices=choices,
+        usage=usage,
+        triage=triage.public(),
+        quality=qualities[0],
+        citations=citations,
+    )
 
 
 def _delta(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
 
-def _message(index: int, content: str, finish: str, quality: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": content},
-        "finish_reason": finish,
-        "logprobs": None,
-        "quality": quality,
-    }
-
-
-def _chat_body(
-    cid: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, Any], extra: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-        **extra,
-    }
+def _message(index: int, content: str, finish: str, quality: dict[str, Any] | None) -> ChatChoice:
+    return ChatChoice.model_validate(
+        {"index": index, "message": {"content": content}, "finish_reason": finish, "quality": quality}
+    )
 
 
 def _logprobs_block(
@@ -289,10 +288,11 @@ def _completion_tokens(result: GenerationResult | None) -> int:
 
 @router.post(
     "/completions",
+    response_model=CompletionResponse,
     responses={**ERRORS, 200: STREAMED, 404: {"description": "model_not_found"}},
     summary="OpenAI completions: raw text or token ids; echo + logprobs (+ max_tokens=0) scores the prompt",
 )
-async def completions(req: CompletionRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
+async def completions(req: CompletionRequest, request: Request, svc: ServingDep) -> Any:
     engine, _ = svc.require_ready()
     svc.check_model(req.model)
     prompts = req.prompts
@@ -343,7 +343,7 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
         def on_done(result: GenerationResult) -> list[str]:
             svc.note(request, 0, 0, answer=result.text)
             usage = openai_usage(result.prompt_tokens, _completion_tokens(result))
-            last = _chunk(cid, created, model, obj, [_text(0, "", _finish(result))])
+            last = _chunk(cid, created, model, obj, [_text(0, "", result.finish)])
             return _closing(cid, created, model, obj, last, usage, req.include_usage)
 
         return svc.stream(request, encoded[0], params, on_piece, on_done)
@@ -359,20 +359,28 @@ async def completions(req: CompletionRequest, request: Request, svc: Annotated[S
 
     # every prompt is submitted at once, so the scheduler can batch them
     outcomes = await asyncio.gather(*(one(ids) for ids in encoded))
-    choices, n_prompt, n_completion = [], 0, 0
+    choices: list[CompletionChoice] = []
+    n_prompt = n_completion = 0
     for text, ids, (echo_lp, results) in zip(texts, encoded, outcomes, strict=True):
         for result in results:
-            out_text = (text if req.echo else "") + (result.text if result else "")
             block = None
             if req.logprobs is not None:
                 block = _logprobs_block(engine, echo_lp, result, len(text) if req.echo else 0)
-            choice = _text(len(choices), out_text, _finish(result) if result else "length")
-            choice["logprobs"] = block
-            choices.append(choice)
+            choices.append(
+                CompletionChoice.model_validate(
+                    {
+                        "index": len(choices),
+                        "text": (text if req.echo else "") + (result.text if result else ""),
+                        "finish_reason": result.finish if result else "length",
+                        "logprobs": block,
+                    }
+                )
+            )
             n_completion += _completion_tokens(result)
         n_prompt += len(ids)
     svc.note(request, n_prompt, n_completion)
-    return _chunk(cid, created, model, obj, choices, openai_usage(n_prompt, n_completion))
+    usage = openai_usage(n_prompt, n_completion)
+    return CompletionResponse(id=cid, created=created, model=model, choices=choices, usage=usage)
 
 
 def _text(index: int, text: str, finish: str | None) -> dict[str, Any]:

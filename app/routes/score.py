@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from app.engine import ScoreItem
 from app.prompting import render_prompt
-from app.routes import ERRORS, serving
+from app.routes import ERRORS, ServingDep
 from app.schemas import PerplexityRequest, PerplexityResponse, PerplexityResult
 from app.scoring import encode_for_scoring
-from app.serving import EVIDENCE_FRAME_TOKENS, Serving
+from app.serving import EVIDENCE_FRAME_TOKENS
 
 router = APIRouter(tags=["scoring"])
 
@@ -19,7 +19,7 @@ router = APIRouter(tags=["scoring"])
 @router.post(
     "/perplexity", response_model=PerplexityResponse, responses=ERRORS, summary="Perplexity of text or of an answer"
 )
-async def perplexity(req: PerplexityRequest, request: Request, svc: Annotated[Serving, Depends(serving)]) -> Any:
+async def perplexity(req: PerplexityRequest, request: Request, svc: ServingDep) -> Any:
     engine, _ = svc.require_ready()
     items: list[ScoreItem] = []
     for i, item in enumerate(req.items or []):
