@@ -393,7 +393,7 @@ def test_audit_option_logs_digests_only(ci_checkpoint, tmp_path) -> None:
     log = srv.log_text()
     # libraries print banners to stdout, block-buffered into the same file: a log record may follow
     # a partial banner line, so each record is read from its opening brace
-    records = [json.loads(line[line.index('{"'):]) for line in log.splitlines() if '"event": "request"' in line]
+    records = [json.loads(line[line.index('{"') :]) for line in log.splitlines() if '"event": "request"' in line]
     audits = [rec["audit"] for rec in records if rec.get("route") == "/ask" and "audit" in rec]
     digest = hashlib.sha256(question.encode()).hexdigest()
     assert len(audits) == 2 and all(a["question_sha256"] == digest for a in audits), audits
