@@ -222,7 +222,7 @@ class Engine:
     ) -> list[GenerationResult]:
         """Decode a batch together; each row has its own settings and stop time.
 
-        Continuous batching: between decode steps ``admit(room)`` may hand over
+        Continuous batching: after every decode step ``admit(room)`` may hand over
         new jobs (at most ``room``, keeping at most ``max_rows`` rows); they are
         prefilled and join the running batch, so a request never waits for a
         whole batch to finish. ``on_finish`` hears of each row the moment it
@@ -246,7 +246,7 @@ class Engine:
         while batch:
             batch.step()
             finish(batch.drop_finished())
-            if admit is not None and len(batch) < limit:
+            if admit is not None:  # every step, full or not: the scheduler also drops expired work here
                 finish(batch.admit(admit(limit - len(batch))))
         return [results[id(job)] for job in jobs]
 

@@ -129,10 +129,7 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._cond:
-                for work in self.policy.expire(time.monotonic()):
-                    self.dropped += 1
-                    # a client that left: cancelled; a deadline that passed: the waiter answers 504
-                    _deliver(work, cancel=work.cancelled.is_set(), exc=DeadlineExceeded())
+                self._expire()
                 batch = self.policy.take(time.monotonic())
                 if not isinstance(batch, list):
                     self._cond.wait(0.1 if batch is None else batch)
@@ -173,7 +170,8 @@ class Scheduler:
 
         def admit(room: int) -> list[GenerationJob]:
             with self._cond:
-                new = self.policy.admit(time.monotonic())
+                self._expire()  # between decode steps too: nothing past its deadline joins the batch
+                new = self.policy.admit(time.monotonic())  # the policy counts the rows itself
                 if new:
                     self.admitted += len(new)
                     self._gauges()
@@ -198,6 +196,13 @@ class Scheduler:
             for work in works.values():  # admitted rows are not in ``batch``: tell them too
                 _deliver(work, exc=exc)
             raise
+
+    def _expire(self) -> None:
+        """Drop waiting work that was cancelled or is past its deadline (call with the lock held)."""
+        for work in self.policy.expire(time.monotonic()):
+            self.dropped += 1
+            # a client that left: cancelled; a deadline that passed: the waiter answers 504
+            _deliver(work, cancel=work.cancelled.is_set(), exc=DeadlineExceeded())
 
     def _gauges(self) -> None:
         self.metrics.waiting.set(len(self.policy.waiting))

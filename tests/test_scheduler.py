@@ -39,7 +39,7 @@ class FakeEngine:
                 if n + 1 >= job.params.max_new_tokens or job.cancelled.is_set():
                     del rows[key]
                     on_finish(job, GenerationResult("x" * (n + 1), [1] * (n + 1), [0.0] * (n + 1), "length", 1, 0.0))
-            if admit is not None and len(rows) < max_rows:
+            if admit is not None:
                 for job in admit(max_rows - len(rows)):
                     rows[id(job)] = [job, 0]
         return []
@@ -133,5 +133,27 @@ def test_queue_full_is_refused_at_submit() -> None:
             await asyncio.gather(first, *queued)
 
         run(main())
+    finally:
+        s.stop()
+
+
+def test_work_expires_while_a_batch_runs_not_after_it() -> None:
+    engine = FakeEngine(step_s=0.02)
+    s = scheduler(engine, max_batch_size=2, batch_wait_ms=0)
+    try:
+
+        async def main() -> tuple[Any, bool]:
+            longs = [s.generate(job(20)), s.generate(job(20))]  # both rows busy for 20 steps
+            await asyncio.sleep(0.05)
+            late = s.generate(job(1), deadline=time.monotonic() + 0.05)
+            result = (await asyncio.gather(late, return_exceptions=True))[0]
+            batch_still_running = not all(f.done() for f in longs)
+            await asyncio.gather(*longs)
+            return result, batch_still_running
+
+        result, batch_still_running = run(main())
+        assert isinstance(result, DeadlineExceeded)
+        assert batch_still_running  # dropped between decode steps, not when the batch ended
+        assert s.dropped == 1
     finally:
         s.stop()
