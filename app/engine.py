@@ -50,6 +50,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     top_logprobs: int = 0  # report the k most likely tokens at each generated position
+    ignore_eos: bool = False  # vLLM's benchmarking switch: generate max_new_tokens whatever the model says
 
 
 # (log-probability, top alternatives or None) of the end-of-sequence token that ended a row
@@ -286,7 +287,7 @@ class Engine:
         params = job.params
         if row.first_at is None:
             row.first_at = time.perf_counter()
-        if token == self.eos_id:
+        if token == self.eos_id and not params.ignore_eos:
             row.finish = "stop"
             row.eos = (logprob, top)
             return

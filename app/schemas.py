@@ -474,6 +474,9 @@ class CompletionRequest(_OpenAIRequest):
     max_tokens: int = Field(16, ge=0, le=4096)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    ignore_eos: bool = Field(
+        False, description="vLLM's extension for benchmarks: generate max_tokens even past end-of-sequence"
+    )
 
     model_config = ConfigDict(
         extra="forbid",

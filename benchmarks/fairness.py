@@ -63,7 +63,7 @@ async def one(client: httpx.AsyncClient, base: str, key: str, tokens: int, promp
     try:
         r = await client.post(
             f"{base}/v1/completions",
-            json={"prompt": prompt, "max_tokens": tokens, "temperature": 0},
+            json={"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True},
             headers={"Authorization": f"Bearer {key}"},
             timeout=180,
         )

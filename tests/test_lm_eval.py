@@ -250,3 +250,14 @@ def test_lm_eval_generate_until_with_stop(server: Server, lm_eval_runs: dict[str
         if not body["quality"]["degenerate"]:  # the model's part (after any fixed advice) honours stop
             model_text = got.split("\n\n")[-1]
             assert "." not in model_text and "\n" not in model_text
+
+
+def test_ignore_eos_generates_max_tokens(server: Server, docs: list[dict[str, Any]]) -> None:
+    """vLLM's benchmarking extension: generation goes on past end-of-sequence."""
+    stopped = [d for d in docs if len(d["choices"]) > len(ANSWERS)]  # the model ended its own answer
+    assert stopped
+    body = {"prompt": stopped[0]["context"], "max_tokens": 128, "temperature": 0}
+    plain = _post(server, "/v1/completions", body)
+    forced = _post(server, "/v1/completions", {**body, "ignore_eos": True})
+    assert plain["choices"][0]["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 128
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 128

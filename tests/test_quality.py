@@ -1,6 +1,6 @@
-"""The answer quality gate on its own (fast): real loops written by the shipped model
-(tests/data/shipped_answers.jsonl, made by benchmarks/answer_quality.py) and the
-MedText gold answers, which must all pass."""
+"""The answer quality gate on its own (fast): real loops written by a shipped model (the
+16.9M default shipped until 2026-11-30, kept in tests/data/shipped_answers.jsonl, made by
+benchmarks/answer_quality.py) and the MedText gold answers, which must all pass."""
 
 from __future__ import annotations
 

@@ -333,6 +333,7 @@ async def completions(req: CompletionRequest, request: Request, svc: ServingDep)
         req.frequency_penalty,
         req.presence_penalty,
         top_k if req.logprobs is not None else 0,
+        req.ignore_eos,
     )
 
     if req.stream:
