@@ -88,3 +88,35 @@ def test_disconnected_clients_free_their_slots(server: Server) -> None:
         ).status_code
         == 200
     )
+
+
+def test_one_keys_burst_leaves_room_for_other_keys(server: Server) -> None:
+    """Key alpha floods the queue; key beta is still served (alpha may hold half the queue)."""
+    from tests.conftest import API_KEYS
+
+    async def burst() -> tuple[list[int], int]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server.base, timeout=120, limits=limits) as client:
+            body = {"question": "Fever and cough for two days?", "max_new_tokens": 32}
+            flood = [
+                asyncio.create_task(client.post("/ask", json=body, headers=server.headers(API_KEYS[0])))
+                for _ in range(80)
+            ]
+            await asyncio.sleep(0.5)  # alpha now holds its share; the rest of its burst got 429s
+            other = await client.post("/ask", json=body, headers=server.headers(API_KEYS[1]))
+            return [r.status_code for r in await asyncio.gather(*flood)], other.status_code
+
+    flood, other = asyncio.run(burst())
+    assert other == 200
+    assert flood.count(429) > 0 and set(flood) <= {200, 429}
+    assert _wait_idle(server) == (0.0, 0.0)
+
+
+def test_a_completions_call_may_not_take_the_queue(server: Server) -> None:
+    r = httpx.post(
+        f"{server.base}/v1/completions",
+        json={"prompt": ["Asthma is"] * 17, "max_tokens": 2},
+        headers=server.headers(),
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
