@@ -123,7 +123,7 @@ class Policy:
             return None
         head = self.waiting[0]
         if head.kind is Kind.CALL:
-            self._remove(head)
+            self._remove(head, keep_held=True)  # held until finished(), like every batch
             return [head]
         same = [w for w in self.waiting if w.kind is head.kind]
         if len(same) < self.max_rows and now - head.enqueued < self.wait_s:

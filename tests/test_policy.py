@@ -155,3 +155,15 @@ def test_cancelled_and_expired_work_leaves_unrun() -> None:
     assert p.take(6.0) == [fine]
     p.finished(fine)
     p.submit(gen("k"))  # the key's count went back down
+
+
+def test_a_keys_count_goes_down_once_per_finished_work() -> None:
+    p = policy(queue_size=4, key_share=0.5, wait_s=0)  # this key may hold 2
+    call, score = Work(Kind.CALL, None, key="k"), Work(Kind.SCORE, None, key="k")
+    p.submit(call)
+    p.submit(score)
+    assert p.take(0) == [call]
+    p.finished(call)
+    p.submit(Work(Kind.CALL, None, key="k"))  # the score request is still held: one more fits, not two
+    with pytest.raises(QueueFull):
+        p.submit(Work(Kind.CALL, None, key="k"))
