@@ -49,7 +49,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         512, ge=1, description="open connections beyond this get 503 (uvicorn limit_concurrency)"
     )
-    keep_alive_s: float = Field(5.0, gt=0, le=300, description="idle keep-alive connections are closed after this")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        le=300,
+        description="idle keep-alive connections are closed after this; longer than clients' own idle expiry "
+        "(httpx and the openai SDK: 5 s), so the client closes first and never reuses a connection being closed",
+    )
     max_new_tokens_default: int = Field(256, ge=1)
     drain_s: float = Field(
         8.0,

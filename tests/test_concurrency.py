@@ -59,7 +59,10 @@ async def _round(client: httpx.AsyncClient, srv: Server) -> Counter[int]:
 def test_mixed_concurrent_requests_never_5xx(busy: Server) -> None:
     async def main() -> Counter[int]:
         total: Counter[int] = Counter()
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=CONCURRENT)) as client:
+        # idle connections expire on the client before the server's keep-alive timeout (5 s) closes
+        # them: otherwise a round may reuse a connection the server is closing at that instant
+        limits = httpx.Limits(max_connections=CONCURRENT, keepalive_expiry=2.0)
+        async with httpx.AsyncClient(limits=limits) as client:
             for _ in range(ROUNDS):
                 total += await _round(client, busy)
         return total
