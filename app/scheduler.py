@@ -115,15 +115,23 @@ class Scheduler:
         return self._submit(Kind.GENERATE, job, key=key, cost=cost, deadline=deadline, cancelled=job.cancelled)
 
     def score(
-        self, items: list[ScoreItem], key: str | None = None, cancelled: threading.Event | None = None
+        self,
+        items: list[ScoreItem],
+        key: str | None = None,
+        deadline: float = math.inf,
+        cancelled: threading.Event | None = None,
     ) -> asyncio.Future[list[Score]]:
-        return self._submit(Kind.SCORE, items, key=key, cancelled=cancelled)
+        return self._submit(Kind.SCORE, items, key=key, deadline=deadline, cancelled=cancelled)
 
     def call(
-        self, fn: Callable[[Engine], Any], key: str | None = None, cancelled: threading.Event | None = None
+        self,
+        fn: Callable[[Engine], Any],
+        key: str | None = None,
+        deadline: float = math.inf,
+        cancelled: threading.Event | None = None,
     ) -> asyncio.Future[Any]:
         """Run ``fn(engine)`` on the worker thread, in turn with the batches."""
-        return self._submit(Kind.CALL, fn, key=key, cancelled=cancelled)
+        return self._submit(Kind.CALL, fn, key=key, deadline=deadline, cancelled=cancelled)
 
     # ---- worker thread --------------------------------------------------------------
     def _run(self) -> None:

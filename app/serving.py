@@ -288,6 +288,10 @@ class Serving:
             self.metrics.scope_refusals.inc()
         return result
 
+    def triage_conversation(self, history: Sequence[Turn], question: str) -> Triage:
+        """Every user turn is triaged: an emergency said earlier in a conversation is still one."""
+        return self.triage("\n".join([text for speaker, text in history if speaker == "user"] + [question]))
+
     def quality(self, answer: str, question: str, perplexity: float | None) -> Quality:
         """The quality gate, with the answer's perplexity placed among the model's held-out answers."""
         reference = None
@@ -357,9 +361,8 @@ class Serving:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(completion_tokens)
 
-    async def _await(self, fut: asyncio.Future, request: Request, cancelled: threading.Event | None) -> Any:
-        """Wait for a scheduled job under the request timeout; a client that leaves frees its slot."""
-        deadline = time.monotonic() + self.settings.request_timeout_s
+    async def _await(self, fut: asyncio.Future, request: Request, cancelled: threading.Event, deadline: float) -> Any:
+        """Wait for a scheduled job until its deadline; a client that leaves frees its slot."""
         timeout = ApiError(504, "timeout", f"request took longer than {self.settings.request_timeout_s:g}s")
         try:
             while True:
@@ -381,18 +384,19 @@ class Serving:
             raise ApiError(499, "client_closed_request", "client closed the request") from None
         finally:
             if not fut.done():
-                if cancelled is not None:
-                    cancelled.set()
+                cancelled.set()
                 fut.cancel()
 
-    def _schedule(self, submit: Callable[[], asyncio.Future]) -> asyncio.Future:
+    def _schedule(
+        self, request: Request, submit: Callable[[str | None, float], asyncio.Future]
+    ) -> tuple[asyncio.Future, float]:
+        """Queue work under the caller's key with the request's one deadline: the policy drops the
+        work unrun once it has passed, and the waiter answers 504 at that same instant."""
+        deadline = time.monotonic() + self.settings.request_timeout_s
         try:
-            return submit()
+            return submit(self._key(request), deadline), deadline
         except QueueFull as exc:
             raise ApiError(429, "queue_full", exc.message, headers={"Retry-After": "1"}) from None
-
-    def _deadline(self) -> float:
-        return time.monotonic() + self.settings.request_timeout_s
 
     @staticmethod
     def _key(request: Request) -> str | None:
@@ -404,8 +408,8 @@ class Serving:
         t0 = time.perf_counter()
         _, scheduler = self.require_ready()
         job = GenerationJob(prompt_ids, params)
-        fut = self._schedule(lambda: scheduler.generate(job, self._key(request), self._deadline()))
-        result: GenerationResult = await self._await(fut, request, job.cancelled)
+        fut, deadline = self._schedule(request, lambda key, deadline: scheduler.generate(job, key, deadline))
+        result: GenerationResult = await self._await(fut, request, job.cancelled, deadline)
         self._observe(t0, result)
         return result
 
@@ -432,8 +436,7 @@ class Serving:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         job = GenerationJob(prompt_ids, params, on_text=lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p))
-        fut = self._schedule(lambda: scheduler.generate(job, self._key(request), self._deadline()))
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        fut, deadline = self._schedule(request, lambda key, deadline: scheduler.generate(job, key, deadline))
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -462,6 +465,9 @@ class Serving:
                     while not pieces.empty():
                         yield on_piece(pieces.get_nowait())
                     exc = fut.exception()
+                    if isinstance(exc, DeadlineExceeded):  # dropped unrun at its deadline
+                        yield sse(error_body("timeout", "request timed out"), "error")
+                        return
                     if exc is not None:
                         yield sse(error_body("engine_error", "generation failed"), "error")
                         return
@@ -483,14 +489,14 @@ class Serving:
     async def score(self, request: Request, items: list[ScoreItem]) -> list:
         _, scheduler = self.require_ready()
         cancelled = threading.Event()
-        fut = self._schedule(lambda: scheduler.score(items, self._key(request), cancelled))
-        return await self._await(fut, request, cancelled)
+        fut, deadline = self._schedule(request, lambda key, deadline: scheduler.score(items, key, deadline, cancelled))
+        return await self._await(fut, request, cancelled, deadline)
 
     async def call(self, request: Request, fn: Callable[[Engine], Any]) -> Any:
         _, scheduler = self.require_ready()
         cancelled = threading.Event()
-        fut = self._schedule(lambda: scheduler.call(fn, self._key(request), cancelled))
-        return await self._await(fut, request, cancelled)
+        fut, deadline = self._schedule(request, lambda key, deadline: scheduler.call(fn, key, deadline, cancelled))
+        return await self._await(fut, request, cancelled, deadline)
 
 
 def sse(obj: Any, event: str | None = None) -> str:

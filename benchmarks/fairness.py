@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,34 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import free_port, report, wait_ok  # noqa: E402
+from benchmarks.common import report  # noqa: E402
+from benchmarks.serve_load import start_medask, stop  # noqa: E402
 
+# both servers: two keys, no retrieval (the flood and the short requests cost only decoding)
+COMMON = {"MEDASK_API_KEYS": "flood,short", "MEDASK_EVIDENCE": "false", "MEDASK_QUEUE_SIZE": "64"}
 CONFIGS = {
     # the old scheduler's behaviour: FIFO, rows only, one key may fill the queue
     "before (protections off)": {"MEDASK_KEY_QUEUE_SHARE": "1", "MEDASK_MAX_BATCH_TOKENS": str(10**9)},
     "after (defaults)": {},
 }
-
-
-def start(model: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    full = {
-        **os.environ,
-        "MEDASK_MODEL_DIR": model,
-        "MEDASK_PORT": str(port),
-        "MEDASK_API_KEYS": "flood,short",
-        "MEDASK_EVIDENCE": "false",
-        "MEDASK_LOG_LEVEL": "WARNING",
-        **env,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app"], cwd=ROOT, env=full, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    if not wait_ok(f"{base}/ready"):
-        proc.kill()
-        raise SystemExit(f"server did not start; see {log}")
-    return proc, base
 
 
 async def one(client: httpx.AsyncClient, base: str, key: str, tokens: int, prompt: str) -> tuple[int, float]:
@@ -105,12 +86,13 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     for name, env in CONFIGS.items():
-        proc, base = start(args.model, env, Path(f"/tmp/medask-fairness-{len(rows)}.log"))
+        target = start_medask(args.model, True, Path(f"/tmp/medask-fairness-{len(rows)}.log"), {**COMMON, **env})
+        if target.error:
+            raise SystemExit(f"server did not start: {target.error}")
         try:
-            rows.append({"scheduler": name, **asyncio.run(scenario(base, args))})
+            rows.append({"scheduler": name, **asyncio.run(scenario(target.base, args))})
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(target)
     report("short-request latency under a long-generation flood", rows, {"args": vars(args)})
 
 

@@ -41,7 +41,7 @@ class Target:
     error: str | None = None
 
 
-def start_medask(model: str, batching: bool, log: Path) -> Target:
+def start_medask(model: str, batching: bool, log: Path, extra_env: dict[str, str] | None = None) -> Target:
     port = free_port()
     env = {
         **os.environ,
@@ -50,6 +50,7 @@ def start_medask(model: str, batching: bool, log: Path) -> Target:
         "MEDASK_BATCHING": str(batching).lower(),
         "MEDASK_QUEUE_SIZE": "256",
         "MEDASK_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT

@@ -120,3 +120,49 @@ def test_a_completions_call_may_not_take_the_queue(server: Server) -> None:
         timeout=60,
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_work_past_its_deadline_is_a_timeout_on_every_route(ci_checkpoint, tmp_path) -> None:
+    """A long scoring batch holds the worker (scoring cannot be cut short); the requests queued
+    behind it pass their deadline and are dropped unrun: a 504 for plain and scoring requests, a
+    `timeout` event for a stream (never `engine_error`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import start_server, stop_server
+
+    srv = start_server(
+        ci_checkpoint, tmp_path / "s.log", MEDASK_REQUEST_TIMEOUT_S="1", MEDASK_MAX_BODY_BYTES=str(2**20)
+    )
+    try:
+        text = "Hypertension is a major risk factor for stroke and heart failure. " * 18  # ~420 tokens
+        hold_body = {"items": [{"text": text} for _ in range(256)]}
+        with ThreadPoolExecutor(8) as pool:
+            holds = [pool.submit(httpx.post, f"{srv.base}/perplexity", json=hold_body, timeout=60) for _ in range(3)]
+            deadline = time.time() + 30
+            while _gauges(srv)[0] < 1 and "medask_batch_size_count 1.0" not in _metrics(srv):
+                assert time.time() < deadline
+                time.sleep(0.02)
+            plain = pool.submit(
+                httpx.post, f"{srv.base}/ask", json={"question": "Cough?", "max_new_tokens": 4}, timeout=30
+            )
+            score = pool.submit(httpx.post, f"{srv.base}/perplexity", json={"text": "Asthma is common."}, timeout=30)
+            stream = httpx.post(
+                f"{srv.base}/ask", json={"question": "Cough?", "max_new_tokens": 4, "stream": True}, timeout=30
+            )
+            assert plain.result().status_code == 504 and score.result().status_code == 504
+            assert [h.result().status_code for h in holds] == [504] * 3
+        assert "event: error" in stream.text and '"type": "timeout"' in stream.text, stream.text[-400:]
+        assert "engine_error" not in stream.text
+        # the plain, the scoring and the streamed request are all dropped unrun once the worker
+        # is free (the holders' scoring runs on after their own 504s)
+        info = lambda: httpx.get(f"{srv.base}/info", timeout=10).json()["serving"]  # noqa: E731
+        deadline = time.time() + 120
+        while info()["dropped_unrun"] < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert info()["dropped_unrun"] >= 3
+    finally:
+        stop_server(srv)
+
+
+def _metrics(srv: Server) -> str:
+    return httpx.get(f"{srv.base}/metrics", timeout=10).text

@@ -78,8 +78,7 @@ def advice_events(triage: Triage) -> list[str]:
 async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     t0 = time.perf_counter()
     svc.require_ready()
-    # every user turn is triaged: an emergency said earlier in the conversation is still one
-    triage = svc.triage("\n".join([text for speaker, text in req.turns if speaker == "user"] + [req.question]))
+    triage = svc.triage_conversation(req.turns, req.question)
     rid = new_id("ask")
     if not triage.in_scope:  # the rule layer is sure: no model call
         svc.note(request, 0, 0, question=req.question, role=req.role)

@@ -70,6 +70,10 @@ async def info(svc: ServingDep) -> dict[str, Any]:
         "continuous_batching": scheduler.continuous,
         "batches_run": scheduler.batches,
         "admitted_into_running_batches": scheduler.admitted,
+        # left the queue unrun: past their deadline, or their client had gone
+        "dropped_unrun": scheduler.dropped,
+        "max_batch_tokens": scheduler.policy.max_batch_tokens,
+        "key_queue_limit": scheduler.policy.key_limit,
         "python": platform.python_version(),
     }
     return out

@@ -106,7 +106,7 @@ def _check_n(svc: Serving, n: int, stream: bool, rows: int = 1) -> None:
             "(MEDASK_MAX_PROMPTS_PER_REQUEST); split the batch",
             "prompt",
         )
-    share = max(1, int(svc.settings.queue_size * svc.settings.key_queue_share))
+    share = svc.require_ready()[1].policy.key_limit
     if rows * n > share:
         raise ApiError(
             400,
@@ -159,8 +159,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
     svc.check_model(req.model)
     _check_n(svc, req.n, req.stream)
     role, history, question = conversation(req.messages)
-    # every user turn is triaged: an emergency said earlier in the chat is still one
-    triage = svc.triage("\n".join(text for speaker, text in [*history, ("user", question)] if speaker == "user"))
+    triage = svc.triage_conversation(history, question)
     cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
     obj = "chat.completion.chunk"
     if not triage.in_scope:
