@@ -38,6 +38,15 @@ class CheckpointError(RuntimeError):
     """The checkpoint cannot be served; the message says exactly why."""
 
 
+class EngineError(Exception):
+    """A failure the engine can explain to the client: ``status``/``type``/``message`` are what
+    the request is answered with (an upstream that is down, timed out or cannot score)."""
+
+    def __init__(self, status: int, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message = status, type_, message
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -77,6 +86,19 @@ class GenerationResult:
     # the end-of-sequence token that ended generation: not part of the answer's text or perplexity,
     # but OpenAI clients (lm-eval) expect its entry in a completion's logprobs, as vLLM gives it
     eos: EosEntry | None = None
+    # an upstream engine reports each token's text, not its id: then token_ids is empty and
+    # ``pieces`` holds the texts (one per log-prob)
+    pieces: list[str] | None = None
+    # False when the engine could give no log-probabilities: no perplexity, never a made-up one
+    scored: bool = True
+    generated: int | None = None  # tokens generated, when neither ids nor pieces are known
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens of the answer (the end-of-sequence token not counted)."""
+        if self.generated is not None:
+            return self.generated
+        return len(self.token_ids) or len(self.pieces or [])
 
     @property
     def score(self) -> Score:
@@ -114,15 +136,134 @@ def pick_device(wanted: str) -> str:
     return wanted
 
 
-class Engine:
-    """A checkpoint loaded once.
+class EngineBase:
+    """What every engine shares: the checkpoint's tokenizer, chat template, manifest and limits.
 
-    Threads: the model and ``tokenizer`` belong to the scheduler's worker thread (generation,
-    scoring, prompt log-probs). Routes encode and decode on the event loop with ``front``, a
-    second instance of the same tokenizer: a fast tokenizer shared by two threads can fail with
-    "Already borrowed" (huggingface/tokenizers#537), and a second instance costs a few MB where
-    sending every encode through the worker would queue it behind decode steps.
+    The service renders, counts and checks every prompt itself, whoever computes it: this
+    process (``Engine``) or an upstream OpenAI-compatible server (``app.upstream``). The
+    scheduler asks an engine for ``generate``, ``score`` and ``prompt_logprobs``.
+
+    Threads: ``tokenizer`` belongs to the scheduler's worker thread. Routes encode and decode
+    on the event loop with ``front``, a second instance of the same tokenizer: a fast tokenizer
+    shared by two threads can fail with "Already borrowed" (huggingface/tokenizers#537), and a
+    second instance costs a few MB where sending every encode through the worker would queue
+    it behind decode steps.
     """
+
+    name = "local"
+    kernel = "none"
+    device = "none"
+    continuous_batching = True
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        folder: Path,
+        manifest: dict[str, Any],
+        config: dict[str, Any],
+        load_seconds: float,
+        front: Any = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.front = front if front is not None else tokenizer
+        self.folder = folder
+        self.manifest = manifest
+        self.load_seconds = load_seconds
+        self.eos_id: int = tokenizer.eos_token_id
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.context_length: int = int(config.get("max_position_embeddings") or 2048)
+        self.vocab_size: int = int(config.get("vocab_size") or len(tokenizer))
+        qdict = config.get("quantization_config") or {}
+        self.quantization: dict[str, Any] = {
+            k: qdict.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act") if k in qdict
+        }
+
+    # ---- prompts (event loop side: the ``front`` tokenizer) ------------------
+    def encode_question(self, question: str, role: str, evidence: str = "", history: Sequence[Turn] = ()) -> list[int]:
+        return self.encode(render_prompt(self.front, question, role, evidence, history))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        # special tokens come from the chat template (see app.prompting)
+        return self.front(text, add_special_tokens=False)["input_ids"]
+
+    # ---- what the scheduler asks (worker thread) -------------------------------
+    def generate(
+        self,
+        jobs: Sequence[GenerationJob],
+        admit: Callable[[int], Sequence[GenerationJob]] | None = None,
+        on_finish: Callable[[GenerationJob, GenerationResult], None] | None = None,
+        max_rows: int | None = None,
+        on_error: Callable[[GenerationJob, BaseException], None] | None = None,
+    ) -> list[GenerationResult]:
+        raise NotImplementedError
+
+    def score(self, items: Sequence[ScoreItem], batch_size: int = 16) -> list[Score]:
+        raise NotImplementedError
+
+    def prompt_logprobs(self, ids: list[int], top_k: int) -> PromptLogprobs:
+        raise NotImplementedError
+
+    def unavailable(self) -> str | None:
+        """Why the engine cannot take work right now (an upstream that is down), or None."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "engine": {"name": self.name},
+            "name": m.get("name"),
+            "base_model": m.get("base_model"),
+            "architecture": m.get("architecture"),
+            "parameters": m.get("parameters"),
+            "quantization": self.quantization or {"quant_method": None},
+            "kernel": self.kernel,
+            "device": self.device,
+            "context_length": self.context_length,
+            "heldout_metrics": m.get("metrics"),
+            "created": m.get("created"),
+            "git_commit": m.get("git_commit"),
+            "libraries": m.get("libraries"),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (connections, threads)."""
+
+
+def open_checkpoint(folder: Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """Verify a checkpoint against its manifest and load its text side: (worker tokenizer,
+    front tokenizer, manifest, config). Every engine starts here, with weights or without."""
+    folder = Path(folder)
+    problems = verify_checkpoint(folder)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} is not servable: " + "; ".join(problems))
+    manifest = read_manifest(folder)
+    config = _read_json(folder / "config.json")
+    qcfg = config.get("quantization_config")
+    if qcfg and qcfg.get("quant_method") != "gptq":
+        raise CheckpointError(
+            f"checkpoint {folder} uses quantization {qcfg.get('quant_method')!r}; this service serves GPTQ or unquantized checkpoints"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a broken tokenizer is a checkpoint fault, said plainly
+        raise CheckpointError(f"tokenizer in {folder} cannot be loaded: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise CheckpointError(f"tokenizer in {folder} has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    front = AutoTokenizer.from_pretrained(folder)
+    front.pad_token = tokenizer.pad_token
+    return tokenizer, front, manifest, config
+
+
+class Engine(EngineBase):
+    """A checkpoint's weights loaded once, in this process; the model belongs to the worker thread."""
 
     def __init__(
         self,
@@ -134,23 +275,16 @@ class Engine:
         load_seconds: float,
         front: Any = None,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.front = front if front is not None else tokenizer
-        self.folder = folder
-        self.manifest = manifest
-        self.device = device
-        self.load_seconds = load_seconds
-        self.eos_id: int = tokenizer.eos_token_id
-        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         config = model.config
-        self.context_length: int = int(getattr(config, "max_position_embeddings", 2048))
-        self.vocab_size: int = int(getattr(config, "vocab_size", 0) or len(tokenizer))
         qcfg = getattr(config, "quantization_config", None)
-        qdict = qcfg if isinstance(qcfg, dict) else (qcfg.to_dict() if qcfg is not None else {})
-        self.quantization: dict[str, Any] = {
-            k: qdict.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act") if k in qdict
+        facts = {
+            "max_position_embeddings": getattr(config, "max_position_embeddings", 2048),
+            "vocab_size": getattr(config, "vocab_size", 0),
+            "quantization_config": qcfg if isinstance(qcfg, dict) else (qcfg.to_dict() if qcfg is not None else {}),
         }
+        super().__init__(tokenizer, folder, manifest, facts, load_seconds, front)
+        self.model = model
+        self.device = device
         self.kernel = _kernel_name(model)
         # rows can join a running batch only when every layer's KV cache simply grows
         types = getattr(config, "layer_types", None) or ["full_attention"]
@@ -164,31 +298,12 @@ class Engine:
         """Verify the checkpoint against its manifest, then load it once."""
         t0 = time.perf_counter()
         folder = Path(folder)
-        problems = verify_checkpoint(folder)
-        if problems:
-            raise CheckpointError(f"checkpoint {folder} is not servable: " + "; ".join(problems))
-        manifest = read_manifest(folder)
-        config = _read_json(folder / "config.json")
-        qcfg = config.get("quantization_config")
-        if qcfg and qcfg.get("quant_method") != "gptq":
-            raise CheckpointError(
-                f"checkpoint {folder} uses quantization {qcfg.get('quant_method')!r}; this service serves GPTQ or unquantized checkpoints"
-            )
+        tokenizer, front, manifest, config = open_checkpoint(folder)
         if threads:
             torch.set_num_threads(threads)
         dev = pick_device(device)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as exc:  # a broken tokenizer is a checkpoint fault, said plainly
-            raise CheckpointError(f"tokenizer in {folder} cannot be loaded: {exc}") from exc
-        if not tokenizer.chat_template:
-            raise CheckpointError(f"tokenizer in {folder} has no chat template")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        front = AutoTokenizer.from_pretrained(folder)
-        front.pad_token = tokenizer.pad_token
         kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev)}
         if dev == "cuda":
             kwargs["device_map"] = "cuda"
@@ -196,21 +311,10 @@ class Engine:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except Exception as exc:
             raise CheckpointError(f"model in {folder} cannot be loaded: {exc}") from exc
-        if dev == "cpu" and not qcfg:
+        if dev == "cpu" and not config.get("quantization_config"):
             model = model.to("cpu")
         model.eval()
         return cls(model, tokenizer, folder, manifest, dev, time.perf_counter() - t0, front)
-
-    # ---- prompts (event loop side: the ``front`` tokenizer) ------------------
-    def encode_question(self, question: str, role: str, evidence: str = "", history: Sequence[Turn] = ()) -> list[int]:
-        return self.encode(render_prompt(self.front, question, role, evidence, history))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
-
-    def encode(self, text: str) -> list[int]:
-        # special tokens come from the chat template (see app.prompting)
-        return self.front(text, add_special_tokens=False)["input_ids"]
 
     # ---- generation ----------------------------------------------------
     @torch.inference_mode()
@@ -220,6 +324,7 @@ class Engine:
         admit: Callable[[int], Sequence[GenerationJob]] | None = None,
         on_finish: Callable[[GenerationJob, GenerationResult], None] | None = None,
         max_rows: int | None = None,
+        on_error: Callable[[GenerationJob, BaseException], None] | None = None,
     ) -> list[GenerationResult]:
         """Decode a batch together; each row has its own settings and stop time.
 
@@ -228,7 +333,8 @@ class Engine:
         prefilled and join the running batch, so a request never waits for a
         whole batch to finish. ``on_finish`` hears of each row the moment it
         ends. Returns the results of ``jobs`` (admitted jobs only reach
-        ``on_finish``).
+        ``on_finish``). A failure fails the whole batch (it raises; ``on_error`` is for engines
+        whose rows fail one by one).
         """
         if admit is not None and not self.continuous_batching:
             admit = None
@@ -361,23 +467,9 @@ class Engine:
         return PromptLogprobs(tokens, ids, offsets, lps, tops)
 
     def info(self) -> dict[str, Any]:
-        m = self.manifest
-        return {
-            "name": m.get("name"),
-            "base_model": m.get("base_model"),
-            "architecture": m.get("architecture"),
-            "parameters": m.get("parameters"),
-            "quantization": self.quantization or {"quant_method": None},
-            "kernel": self.kernel,
-            "device": self.device,
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            "context_length": self.context_length,
-            "heldout_metrics": m.get("metrics"),
-            "created": m.get("created"),
-            "git_commit": m.get("git_commit"),
-            "libraries": m.get("libraries"),
-            "load_seconds": round(self.load_seconds, 3),
-        }
+        out = super().info()
+        out["dtype"] = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        return out
 
 
 @dataclass

@@ -81,6 +81,25 @@ class Metrics:
             "medask_http_requests_inflight", "HTTP requests being served (probes excluded)", registry=r
         )
         self.ready = Gauge("medask_ready", "1 when the model is loaded and warmed up", registry=r)
+        # MEDASK_ENGINE=upstream: the OpenAI-compatible engine behind MedAsk
+        # labelled by the configured URL (operator configuration, never request text), so the series
+        # exists only in upstream mode and an alert on 0 never fires for a local engine
+        self.upstream_up = Gauge(
+            "medask_upstream_up", "1 while the upstream engine answers (MEDASK_ENGINE=upstream)", ["url"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "medask_upstream_request_seconds",
+            "Time of calls to the upstream engine, by kind (generate, stream, score, probe)",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "medask_upstream_errors",
+            "Failed calls to the upstream engine, by reason (connect, timeout, status, protocol, model)",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

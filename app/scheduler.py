@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.engine import Engine, GenerationJob, GenerationResult, ScoreItem
+from app.engine import EngineBase, EngineError, GenerationJob, GenerationResult, ScoreItem
 from app.metrics import Metrics
 from app.policy import DeadlineExceeded, Kind, Policy, QueueFull, Work
 from app.scoring import Score
@@ -38,7 +38,7 @@ class _Handle:
 class Scheduler:
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineBase,
         metrics: Metrics,
         *,
         batching: bool,
@@ -125,7 +125,7 @@ class Scheduler:
 
     def call(
         self,
-        fn: Callable[[Engine], Any],
+        fn: Callable[[EngineBase], Any],
         key: str | None = None,
         deadline: float = math.inf,
         cancelled: threading.Event | None = None,
@@ -146,7 +146,10 @@ class Scheduler:
             try:
                 self._execute(batch)
             except Exception as exc:  # delivered to each caller, who maps it to a clear error
-                log.exception("engine batch failed", extra={"event": "engine_error", "kind": batch[0].kind.value})
+                if isinstance(exc, EngineError):  # explained to the client; no traceback needed
+                    log.warning(exc.message, extra={"event": "engine_error", "kind": batch[0].kind.value})
+                else:
+                    log.exception("engine batch failed", extra={"event": "engine_error", "kind": batch[0].kind.value})
                 for work in batch:
                     _deliver(work, exc=exc)
             finally:
@@ -193,12 +196,20 @@ class Scheduler:
                 self._gauges()
             _deliver(work, result=result)
 
+        def failed(job: GenerationJob, exc: BaseException) -> None:  # one row failed alone (an upstream call)
+            work = works.pop(id(job))
+            with self._cond:
+                self.policy.finished(work)
+                self._gauges()
+            _deliver(work, exc=exc)
+
         try:
             self.engine.generate(
                 [w.payload for w in batch],
                 admit=admit if self.continuous else None,
                 on_finish=finished,
                 max_rows=self.max_batch,
+                on_error=failed,
             )
         except Exception as exc:
             for work in works.values():  # admitted rows are not in ``batch``: tell them too

@@ -197,6 +197,9 @@ class AskResponse(BaseModel):
     )
     role: str
     perplexity: float | None = Field(..., description=PERPLEXITY_MEANING)
+    perplexity_note: str | None = Field(
+        None, description="why perplexity is null although the model answered (an upstream engine that cannot score)"
+    )
     usage: Usage
     finish_reason: Literal["stop", "length", "refused"] = Field(
         ..., description="refused: outside medicine, answered by the rule layer without a model call"

@@ -20,7 +20,16 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from app.engine import CheckpointError, Engine, GenerationJob, GenerationResult, SamplingParams, ScoreItem
+from app.engine import (
+    CheckpointError,
+    Engine,
+    EngineBase,
+    EngineError,
+    GenerationJob,
+    GenerationResult,
+    SamplingParams,
+    ScoreItem,
+)
 from app.errors import ApiError, error_body
 from app.evidence import (
     DEFAULT_K,
@@ -52,7 +61,7 @@ class Serving:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.engine: Engine | None = None
+        self.engine: EngineBase | None = None
         self.safety: SafetyLayer | None = None
         self.evidence: EvidencePack | None = None
         self.evidence_note = "no evidence pack configured"
@@ -88,7 +97,7 @@ class Serving:
             self.evidence = self._load_evidence()
         except EvidenceError as exc:
             raise CheckpointError(str(exc)) from exc
-        engine = Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
+        engine = self._load_engine()
         self.engine = engine
         self.metrics.model_load_seconds.set(engine.load_seconds)
         self.metrics.model_info.labels(
@@ -104,7 +113,7 @@ class Serving:
             key_share=s.key_queue_share,
             max_batch_tokens=s.max_batch_tokens or s.max_batch_size * engine.context_length // 2,
         )
-        if s.warmup:  # before the worker starts: the model is never used by two threads
+        if s.warmup and isinstance(engine, Engine):  # before the worker starts: the model is never used by two threads
             self.state = "warming_up"
             prompt = engine.encode_question(
                 "Warm-up: a patient has a mild headache. What next?", "General Practitioner"
@@ -127,9 +136,40 @@ class Serving:
             },
         )
 
+    def _load_engine(self) -> EngineBase:
+        s = self.settings
+        if s.engine == "upstream":
+            from app.upstream import UpstreamEngine  # httpx client and its loop only when asked for
+
+            assert s.upstream_url is not None  # the settings refuse upstream without a URL
+            return UpstreamEngine.load(
+                s.model_dir,
+                self.metrics,
+                url=s.upstream_url,
+                api_key=s.upstream_api_key,
+                model=s.upstream_model,
+                timeout_s=s.upstream_timeout_s,
+                probe_s=s.upstream_probe_s,
+                retries=s.upstream_retries,
+            )
+        return Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
+
     def shutdown(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.engine is not None:
+            self.engine.close()
+
+    def unavailable(self) -> str | None:
+        """Why a loaded service cannot answer now (its upstream engine is down), or None."""
+        return self.engine.unavailable() if self.engine is not None else None
+
+    def perplexity_note(self, result: GenerationResult) -> str | None:
+        """Why an answer has no perplexity (None when it has one)."""
+        if result.scored:
+            return None
+        problem = getattr(self.engine, "score_problem", None) or "the engine returned no log-probabilities"
+        return f"no perplexity: the upstream engine cannot score this answer ({problem})"
 
     @property
     def model_name(self) -> str:
@@ -160,12 +200,15 @@ class Serving:
             headers={"Retry-After": "1"},
         )
 
-    def require_ready(self) -> tuple[Engine, Scheduler]:
+    def require_ready(self) -> tuple[EngineBase, Scheduler]:
         if self.draining:
             raise self._shutting_down()
         if not self.ready or self.engine is None or self.scheduler is None:
             reason = self.load_error or f"model is {self.state.replace('_', ' ')}"
             raise ApiError(503, "service_unavailable", f"not ready: {reason}", headers={"Retry-After": "5"})
+        down = self.engine.unavailable()
+        if down is not None:
+            raise ApiError(503, "upstream_unavailable", f"not ready: {down}", headers={"Retry-After": "2"})
         return self.engine, self.scheduler
 
     # ---- evidence -------------------------------------------------------------
@@ -307,7 +350,7 @@ class Serving:
     ) -> tuple[str, Quality]:
         """What every generating route delivers: the fixed advice first, then the model's text or,
         when the gate withholds it, a plain statement with the evidence to read instead."""
-        quality = self.quality(result.text, question, result.score.perplexity)
+        quality = self.quality(result.text, question, result.score.perplexity if result.scored else None)
         return compose(triage.prefix, self.shown_answer(result.text, quality, passages)), quality
 
     def refusal(self, triage: Triage) -> str:
@@ -375,6 +418,8 @@ class Serving:
                         return fut.result()
                     except DeadlineExceeded:  # dropped unrun at its deadline by the scheduling policy
                         raise timeout from None
+                    except EngineError as exc:  # the engine says what went wrong (an upstream's failure)
+                        raise ApiError(exc.status, exc.type, exc.message) from None
                 if self.drain_expired:
                     raise self._shutting_down()
                 if not self.draining and await request.is_disconnected():
@@ -416,7 +461,7 @@ class Serving:
     def _observe(self, t0: float, result: GenerationResult) -> None:
         if result.first_token_at is not None:
             self.metrics.ttft.observe(max(result.first_token_at - t0, 0.0))
-        if result.token_ids:
+        if result.scored and result.completion_tokens:
             self.metrics.answer_perplexity.observe(result.score.perplexity)
 
     def stream(
@@ -468,13 +513,16 @@ class Serving:
                     if isinstance(exc, DeadlineExceeded):  # dropped unrun at its deadline
                         yield sse(error_body("timeout", "request timed out"), "error")
                         return
+                    if isinstance(exc, EngineError):
+                        yield sse(error_body(exc.type, exc.message), "error")
+                        return
                     if exc is not None:
                         yield sse(error_body("engine_error", "generation failed"), "error")
                         return
                     result = fut.result()
                     self._observe(t0, result)
                     # on_done notes the delivered answer's digest: what the client was given
-                    self.note(request, result.prompt_tokens, len(result.token_ids), **(audit or {}))
+                    self.note(request, result.prompt_tokens, result.completion_tokens, **(audit or {}))
                     for event in on_done(result):
                         yield event
                     return
@@ -492,7 +540,7 @@ class Serving:
         fut, deadline = self._schedule(request, lambda key, deadline: scheduler.score(items, key, deadline, cancelled))
         return await self._await(fut, request, cancelled, deadline)
 
-    async def call(self, request: Request, fn: Callable[[Engine], Any]) -> Any:
+    async def call(self, request: Request, fn: Callable[[EngineBase], Any]) -> Any:
         _, scheduler = self.require_ready()
         cancelled = threading.Event()
         fut, deadline = self._schedule(request, lambda key, deadline: scheduler.call(fn, key, deadline, cancelled))

@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.prompting import SPECIALTIES
@@ -23,6 +23,26 @@ class Settings(BaseSettings):
         "", description="comma-separated other names OpenAI clients may use for the served model (e.g. gpt-4o-mini)"
     )
     max_n: int = Field(4, ge=1, le=16, description="most choices (n) one OpenAI request may ask for")
+    engine: Literal["local", "upstream"] = Field(
+        "local",
+        description="local: the checkpoint's weights run in this process; upstream: an OpenAI-compatible engine "
+        "(vLLM, TGI, llama.cpp's server) at MEDASK_UPSTREAM_URL computes, MedAsk keeps prompts, triage, evidence, "
+        "scoring and fairness (the tokenizer still comes from MEDASK_MODEL_DIR)",
+    )
+    upstream_url: str | None = Field(
+        None, description="the upstream engine's base URL without /v1, e.g. http://vllm:8000"
+    )
+    upstream_api_key: str | None = Field(None, description="bearer key the upstream engine expects, if any")
+    upstream_model: str | None = Field(
+        None, description="the upstream's model id; default: the first it lists at /v1/models"
+    )
+    upstream_timeout_s: float = Field(
+        60.0, gt=0, description="most seconds to wait for the upstream's next bytes (a response or stream chunk)"
+    )
+    upstream_probe_s: float = Field(
+        2.0, gt=0, le=60, description="how often the upstream is probed; /ready is 503 while it is down"
+    )
+    upstream_retries: int = Field(2, ge=0, le=10, description="retries of a call that could not connect (only those)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
@@ -92,6 +112,14 @@ class Settings(BaseSettings):
         if v and not any(k.strip() for k in v.split(",")):
             raise ValueError("is set but holds no key (only commas or spaces); unset it to run without auth")
         return v
+
+    @model_validator(mode="after")
+    def _upstream_has_a_url(self) -> Settings:
+        if self.engine == "upstream" and not self.upstream_url:
+            raise ValueError("MEDASK_ENGINE=upstream needs MEDASK_UPSTREAM_URL (e.g. http://vllm:8000)")
+        if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError("MEDASK_UPSTREAM_URL must start with http:// or https://")
+        return self
 
     @property
     def docs_are_public(self) -> bool:

@@ -75,12 +75,14 @@ class Server:
         return {"Authorization": f"Bearer {key}"}
 
 
-def start_server(checkpoint: Path, log_path: Path, wait_ready: bool = True, **env: str) -> Server:
+def start_server(
+    checkpoint: Path, log_path: Path, wait_ready: bool = True, port: int | None = None, **env: str
+) -> Server:
     import time
 
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     # no evidence unless a test asks for it: the default pack may or may not be built on this machine
     full_env = {
         **os.environ,
@@ -152,7 +154,15 @@ def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPath
 # fixtures that train, load or serve a model: a test using any of them is slow
 SLOW_FIXTURES = {"ci_run", "ci_checkpoint", "ci_pack", "server", "srv", "busy", "tokenizer", "reference"}
 # modules that start servers, train or load models themselves, without those fixtures
-SLOW_MODULES = {"test_default_model", "test_engine", "test_startup", "test_training", "test_shutdown", "test_scoring"}
+SLOW_MODULES = {
+    "test_default_model",
+    "test_engine",
+    "test_startup",
+    "test_training",
+    "test_shutdown",
+    "test_scoring",
+    "test_upstream",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,18 +14,19 @@ import yaml
 from tests.conftest import ROOT, Server
 
 DEPLOY = ROOT / "deploy"
+UPSTREAM_METRICS = "medask_upstream_"
 
 
-def _metric_names(expr: str) -> set[str]:
+def metric_names(expr: str) -> set[str]:
     return {m for m in re.findall(r"\b(medask_[a-z_]+)", expr)}
 
 
-def _dashboard_exprs() -> list[str]:
+def dashboard_exprs() -> list[str]:
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "medask.json").read_text())
     return [t["expr"] for p in dash["panels"] for t in p["targets"]]
 
 
-def _alert_exprs() -> list[str]:
+def alert_exprs() -> list[str]:
     rules = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
     return [r["expr"] for g in rules["groups"] for r in g["rules"]]
 
@@ -36,8 +37,10 @@ def test_every_queried_metric_is_exported(server: Server) -> None:
     )
     live = httpx.get(f"{server.base}/metrics", headers=server.headers()).text
     exported = set(re.findall(r"^(medask_[a-z_]+)", live, flags=re.M))
-    wanted = set().union(*(_metric_names(e) for e in _dashboard_exprs() + _alert_exprs()))
+    wanted = set().union(*(metric_names(e) for e in dashboard_exprs() + alert_exprs()))
     assert wanted, "no metric names found in the dashboard or alerts"
+    # medask_upstream_* exist only with MEDASK_ENGINE=upstream: tests/test_upstream.py checks those
+    wanted = {m for m in wanted if not m.startswith(UPSTREAM_METRICS)}
     assert wanted <= exported, f"queried but not exported: {sorted(wanted - exported)}"
 
 
@@ -52,7 +55,7 @@ def test_dashboard_covers_what_ops_asked_for() -> None:
         "Served-answer perplexity",
     ):
         assert needed in titles
-    text = " ".join(_dashboard_exprs())
+    text = " ".join(dashboard_exprs())
     for q in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({q}" in text
 
@@ -81,8 +84,19 @@ def test_compose_file_is_consistent() -> None:
     for svc in services.values():
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
+            src = src.removeprefix("${MEDASK_CHECKPOINT:-").rstrip("}")  # the default of a variable path
             if src.startswith("./"):
                 assert (ROOT / src).exists(), src
+    # the vllm profile: vLLM serves the folder MedAsk reads its tokenizer from, and is scraped
+    vllm = services["vllm"]
+    assert vllm["profiles"] == ["vllm"]
+    assert "--model=/models/checkpoint" in vllm["command"]
+    assert any(arg.startswith("--quantization=") for arg in vllm["command"])
+    mount = "${MEDASK_CHECKPOINT:-./model_artifacts/default}:/models/checkpoint:ro"
+    assert mount in vllm["volumes"] and mount in services["api"]["volumes"]
+    assert services["api"]["environment"]["MEDASK_UPSTREAM_URL"].endswith("http://vllm:8000}")
+    jobs = {j["job_name"]: j for j in yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]}
+    assert jobs["vllm"]["dns_sd_configs"][0]["names"] == ["vllm"]
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
     assert gpu["services"]["api"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
 

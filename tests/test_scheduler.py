@@ -26,7 +26,7 @@ class FakeEngine:
         self.threads: set[str] = set()
         self.batch_sizes: list[int] = []
 
-    def generate(self, jobs, admit=None, on_finish=None, max_rows=None) -> list[GenerationResult]:
+    def generate(self, jobs, admit=None, on_finish=None, max_rows=None, on_error=None) -> list[GenerationResult]:
         self.threads.add(threading.current_thread().name)
         if self.fail:
             raise RuntimeError("boom")

@@ -56,6 +56,7 @@ def test_ask_answers_in_role(server: Server) -> None:
         "answer",
         "role",
         "perplexity",
+        "perplexity_note",
         "usage",
         "finish_reason",
         "model",
@@ -66,6 +67,7 @@ def test_ask_answers_in_role(server: Server) -> None:
         "citations",
     }
     assert body["triage"]["level"] == "routine" and body["quality"]["words"] >= 0
+    assert body["perplexity"] > 1 and body["perplexity_note"] is None  # the local engine always scores
     assert body["role"] == "Cardiologist" and "not a diagnosis" in body["disclaimer"]
     assert body["usage"]["completion_tokens"] <= 12 and body["usage"]["prompt_tokens"] > 10
     assert body["perplexity"] >= 1.0 and body["finish_reason"] in ("stop", "length")

@@ -26,19 +26,22 @@ def _summary(
     t0: float,
     passages: list[Passage] | None = None,
 ) -> dict[str, Any]:
+    note = None
     if result is None:  # refused by the rule layer: no model call, nothing to score
         answer, perplexity, quality, finish = svc.refusal(triage), None, None, "refused"
         prompt_tokens = completion_tokens = 0
     else:
         answer, q = svc.answer(result, req.question, triage, passages or [])
-        perplexity, quality = round(result.score.perplexity, 4), q.public()
+        perplexity = round(result.score.perplexity, 4) if result.scored else None
+        quality, note = q.public(), svc.perplexity_note(result)
         finish = result.finish
-        prompt_tokens, completion_tokens = result.prompt_tokens, len(result.token_ids)
+        prompt_tokens, completion_tokens = result.prompt_tokens, result.completion_tokens
     return AskResponse(
         id=rid,
         answer=answer,
         role=req.role,
         perplexity=perplexity,
+        perplexity_note=note,
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -105,7 +108,7 @@ async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
             preamble=advice_events(triage),
         )
     result = await svc.generate(request, prompt, params)
-    svc.note(request, result.prompt_tokens, len(result.token_ids), question=req.question, role=req.role)
+    svc.note(request, result.prompt_tokens, result.completion_tokens, question=req.question, role=req.role)
     return _delivered(svc, request, _summary(svc, req, rid, triage, result, t0, passages))
 
 

@@ -28,12 +28,17 @@ async def health() -> dict[str, str]:
 @router.api_route(
     "/ready",
     methods=["GET", "HEAD"],
-    summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded",
+    summary="Readiness: 200 once the model is loaded and a warm-up generation succeeded (upstream engine: "
+    "while the upstream answers)",
     responses={503: {"description": "Not ready, with the reason"}},
 )
 async def ready(svc: ServingDep) -> Any:
-    if svc.ready:
+    down = svc.unavailable() if svc.ready else None
+    if svc.ready and down is None:
         return {"status": "ready", "model": svc.model_name}
+    if down is not None:  # loaded, but the upstream engine that computes is not answering
+        body = {**error_body("upstream_unavailable", f"not ready: {down}"), "status": "upstream_unavailable"}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
     message = f"not ready: {svc.load_error or 'model is ' + svc.state.replace('_', ' ')}"
     body = {**error_body("service_unavailable", message), "status": svc.state}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})

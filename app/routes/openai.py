@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.engine import Engine, GenerationResult, PromptLogprobs, SamplingParams
+from app.engine import EngineBase, GenerationResult, PromptLogprobs, SamplingParams
 from app.errors import ApiError
 from app.prompting import DEFAULT_ROLE, Turn, role_problem
 from app.routes import ERRORS, STREAMED, ServingDep
@@ -203,7 +203,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
             last = _chunk(cid, created, model, obj, [_delta(0, {}, result.finish)])
             last.update({"triage": triage.public(), "quality": quality.public(), "citations": citations})
             svc.note(request, 0, 0, answer=content)
-            usage = openai_usage(result.prompt_tokens, len(result.token_ids))
+            usage = openai_usage(result.prompt_tokens, result.completion_tokens)
             return _closing(cid, created, model, obj, last, usage, req.include_usage)
 
         preamble = [sse(_chunk(cid, created, model, obj, [delta(triage.prefix + "\n\n")]))] if triage.prefix else []
@@ -216,7 +216,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
         content, quality = svc.answer(result, question, triage, passages)
         choices.append(_message(i, content, result.finish, quality.public()))
         qualities.append(quality.public())
-    completion = sum(len(r.token_ids) for r in results)
+    completion = sum(r.completion_tokens for r in results)
     svc.note(
         request,
         results[0].prompt_tokens,
@@ -249,7 +249,7 @@ def _message(index: int, content: str, finish: str, quality: dict[str, Any] | No
 
 
 def _logprobs_block(
-    engine: Engine, echo: PromptLogprobs | None, result: GenerationResult | None, offset0: int
+    engine: EngineBase, echo: PromptLogprobs | None, result: GenerationResult | None, offset0: int
 ) -> dict[str, Any]:
     tokens: list[str] = []
     lps: list[float | None] = []
@@ -262,8 +262,8 @@ def _logprobs_block(
         offsets += echo.offsets
     if result is not None:
         pos = offset0
-        for i, (tid, lp) in enumerate(zip(result.token_ids, result.logprobs, strict=True)):
-            piece = engine.front.decode([tid])
+        pieces = result.pieces if result.pieces is not None else [engine.front.decode([t]) for t in result.token_ids]
+        for i, (piece, lp) in enumerate(zip(pieces, result.logprobs, strict=True)):
             tokens.append(piece)
             lps.append(lp)
             tops.append(result.top[i] if result.top else {piece: lp})
@@ -282,7 +282,7 @@ def _completion_tokens(result: GenerationResult | None) -> int:
     """Generated tokens, the end-of-sequence token included (vLLM and OpenAI count it)."""
     if result is None:
         return 0
-    return len(result.token_ids) + (result.eos is not None)
+    return result.completion_tokens + (result.eos is not None)
 
 
 @router.post(
