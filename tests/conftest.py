@@ -162,6 +162,7 @@ SLOW_MODULES = {
     "test_shutdown",
     "test_scoring",
     "test_upstream",
+    "test_export",
 }
 
 

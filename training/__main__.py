@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check a published checkpoint against its manifest")
     verify.add_argument("folder")
+
+    export = sub.add_parser("export", help="export a checkpoint: dequantized weights (hf) or GGUF for llama.cpp")
+    export.add_argument("folder", help="a published checkpoint folder")
+    export.add_argument("--format", choices=["gguf", "hf"], default="gguf")
+    export.add_argument("--out", required=True, help="the GGUF file, or the folder for --format hf")
+    export.add_argument("--outtype", default="f32", help="GGUF tensor type for llama.cpp's converter (f32, f16, q8_0)")
+    export.add_argument("--llama-cpp", default="runs/llama.cpp/src", help="llama.cpp source tree (its converter)")
     return p
 
 
@@ -69,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "evidence":
         return _evidence(args)
+    if args.command == "export":
+        from training.export import ExportError, export
+
+        try:
+            out = export(Path(args.folder), args.format, Path(args.out), args.outtype, Path(args.llama_cpp))
+        except ExportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"exported {args.folder} -> {out}")
+        return 0
     if args.command == "verify":
         from app.manifest import verify_checkpoint
 
