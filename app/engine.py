@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from app.decode import StaticDecoder, supports
 from app.manifest import read_manifest, verify_checkpoint
 from app.prompting import Turn, render_prompt
 from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
@@ -286,11 +287,28 @@ class Engine(EngineBase):
         self.model = model
         self.device = device
         self.kernel = _kernel_name(model)
+        # the static decode step (app.decode), set up by ``use_static_decoder``; None: the model's forward
+        self.decoder: StaticDecoder | None = None
+        self.decode_note = "the model's own forward (static decode step not set up)"
         # rows can join a running batch only when every layer's KV cache simply grows
         types = getattr(config, "layer_types", None) or ["full_attention"]
         self.continuous_batching: bool = getattr(config, "sliding_window", None) is None and all(
             t == "full_attention" for t in types
         )
+
+    def use_static_decoder(self, max_rows: int, compile: bool = False, lm_head: str = "float32") -> float:
+        """Decode with app.decode's static KV cache and fused step (compiled if asked), when this
+        model allows it; returns the seconds spent setting up (and compiling)."""
+        reason = supports(self.model)
+        if reason is None and self.device != "cpu":
+            reason = f"device {self.device} (the fused step uses GPTQ's CPU kernel; CUDA graphs are future work)"
+        if reason is not None:
+            self.decode_note = f"the model's own forward: {reason}"
+            return 0.0
+        self.decoder = StaticDecoder(self.model, max_rows, compile=compile, lm_head=lm_head)
+        seconds = self.decoder.warm_up((1, 2))
+        self.decode_note = "static KV cache, fused step" + (" (torch.compile)" if compile else " (eager)")
+        return seconds
 
     # ---- loading -------------------------------------------------------
     @classmethod
@@ -348,7 +366,11 @@ class Engine(EngineBase):
                 if on_finish is not None:
                     on_finish(row.job, result)
 
-        batch = DecodeBatch(self)
+        batch: DecodeBatch | StaticDecodeBatch
+        if self.decoder is not None and max(limit, len(jobs)) <= self.decoder.max_rows:
+            batch = StaticDecodeBatch(self, self.decoder)
+        else:  # no static decoder, or more rows than it has slots: the model's own forward
+            batch = DecodeBatch(self)
         finish(batch.admit(jobs))
         while batch:
             batch.step()
@@ -469,6 +491,15 @@ class Engine(EngineBase):
     def info(self) -> dict[str, Any]:
         out = super().info()
         out["dtype"] = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        d = self.decoder
+        out["decode"] = {
+            "path": "static" if d is not None else "model",
+            "note": self.decode_note,
+            "compiled": bool(d and d.compiled),
+            "lm_head": str(d.head_dtype).replace("torch.", "") if d is not None else None,
+            "slots": d.max_rows if d is not None else None,
+            "kv_cache_mb": round(d.cache_bytes / 2**20, 1) if d is not None else None,
+        }
         return out
 
 
@@ -635,3 +666,56 @@ def _kernel_name(model: Any) -> str:
         if hasattr(module, "qweight"):
             return type(module).__name__
     return "torch.nn.Linear"
+
+
+class StaticDecodeBatch:
+    """``DecodeBatch``'s contract on app.decode's static KV cache: the running rows are slots
+    ``0..n-1``; a new row is prefilled by the model's forward and copied into the next free slot;
+    a row that ends is replaced by the last one (one row's cache moved, nothing concatenated)."""
+
+    def __init__(self, engine: Engine, decoder: StaticDecoder) -> None:
+        self.engine = engine
+        self.decoder = decoder
+        self.rows: list[_Row] = []
+        self.tokens: list[int] = []
+        self.positions: list[int] = []  # where each row's next fed token goes (its length so far)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, jobs: Sequence[GenerationJob]) -> list[_Row]:
+        if not jobs:
+            return []
+        rows = [_Row(job, _generator(job.params.seed)) for job in jobs]
+        cache, mask, logits = self.engine._prefill(jobs)
+        tokens = self.engine._step_all(rows, logits)
+        alive = [i for i, row in enumerate(rows) if row.finish is None]
+        if alive:
+            cache, mask = select_rows(cache, mask, alive)
+            self.decoder.load_rows(len(self.rows), cache, mask)
+            self.rows += [rows[i] for i in alive]
+            self.tokens += [tokens[i] for i in alive]
+            self.positions += [len(rows[i].job.prompt_ids) for i in alive]
+        return [row for row in rows if row.finish is not None]
+
+    def step(self) -> None:
+        logits = self.decoder.decode(self.tokens, self.positions)
+        self.positions = [p + 1 for p in self.positions]
+        self.tokens = self.engine._step_all(self.rows, logits)
+
+    def drop_finished(self) -> list[_Row]:
+        done = [row for row in self.rows if row.finish is not None]
+        if not done:
+            return []
+        n = len(self.rows) - len(done)
+        holes = [s for s in range(n) if self.rows[s].finish is not None]
+        movers = [s for s in range(n, len(self.rows)) if self.rows[s].finish is None]
+        for hole, src in zip(holes, movers, strict=True):
+            self.decoder.move_row(src, hole, self.positions[src])
+            self.rows[hole], self.tokens[hole], self.positions[hole] = (
+                self.rows[src],
+                self.tokens[src],
+                self.positions[src],
+            )
+        del self.rows[n:], self.tokens[n:], self.positions[n:]
+        return done

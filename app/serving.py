@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -113,6 +114,14 @@ class Serving:
             key_share=s.key_queue_share,
             max_batch_tokens=s.max_batch_tokens or s.max_batch_size * engine.context_length // 2,
         )
+        if isinstance(engine, Engine) and s.decode == "static":
+            self.state = "compiling" if s.compile else "preparing_decode"
+            if s.compile and s.compile_cache_dir is not None:
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(s.compile_cache_dir))
+            seconds = engine.use_static_decoder(
+                s.max_batch_size if s.batching else 1, compile=s.compile, lm_head=s.lm_head_dtype
+            )
+            log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
         if s.warmup and isinstance(engine, Engine):  # before the worker starts: the model is never used by two threads
             self.state = "warming_up"
             prompt = engine.encode_question(

@@ -44,6 +44,22 @@ class Settings(BaseSettings):
     )
     upstream_retries: int = Field(2, ge=0, le=10, description="retries of a call that could not connect (only those)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    decode: Literal["static", "model"] = Field(
+        "static",
+        description="static: app.decode's preallocated KV cache and fused decode step (Llama checkpoints on a CPU; "
+        "others fall back); model: the model's own forward with a growing cache (the reference)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the static decode step before /ready (CPU: about 1.25x single-stream tokens/s; "
+        "a first start compiles for a minute or more, later starts reuse MEDASK_COMPILE_CACHE_DIR)",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="where compiled kernels are kept across restarts (TorchInductor's cache); default: torch's"
+    )
+    lm_head_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the static step's LM head weights; bfloat16 reads half the bytes"
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
 

@@ -1,0 +1,218 @@
+"""A decode step of our own for Llama checkpoints: a static KV cache, fused 4-bit projections, and
+one function that torch.compile can turn into one graph.
+
+Why not the model's forward: a decode step of a small model on a CPU is dominated by the work
+around the arithmetic. transformers builds masks, grows the KV cache by concatenation and checks
+its arguments on every call (more than 1,500 operator calls per step here), and each GPTQ layer
+casts its input to bfloat16 and back and reorders it with an index that is the identity when
+``desc_act`` is off. Here:
+
+- **Static KV cache**: one preallocated tensor per layer, ``(rows, kv_heads, context, head_dim)``.
+  A row is a slot; the running rows are always slots ``0..n-1`` (a row that ends is replaced by the
+  last one), so a step reads a view, never a copy, and a new token is written in place.
+- **Fused projections**: q/k/v are one int4 matmul, gate/up another (GPTQ's CPU kernel packs
+  weights by output row, so stacking the packed weights stacks the outputs); the identity reorder
+  is skipped.
+- **Compiled**: ``step`` is plain tensor code; with ``compile=True`` it runs through
+  ``torch.compile`` with the row count and the attended length as dynamic sizes, so continuous
+  batching never recompiles. Eager ``step`` is the reference it is tested against.
+
+Prefill (a prompt's first pass) still runs through the model's own forward; its keys and values are
+copied into the row's slot. Checkpoints this does not cover (other architectures, sliding
+windows, kernels other than GPTQ's CPU/torch ones) keep the model's forward: ``supports`` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger("medask.decode")
+
+# attended lengths are rounded up to a multiple of this: fewer distinct shapes, little waste
+LENGTH_STEP = 64
+
+
+def supports(model: Any) -> str | None:
+    """Why this model cannot use the static decode step (None: it can)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"model type {getattr(config, 'model_type', None)!r} (the static decode step covers llama)"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "biased projections"
+    if getattr(config, "sliding_window", None):
+        return "a sliding window"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "dynamic"):
+        return f"rope type {rope.get('rope_type')!r}"
+    return None
+
+
+class Projection:
+    """Linear layers over one input, computed together: ``__call__(x)`` -> their outputs in float32.
+
+    GPTQ's CPU kernel (``aten::_weight_int4pack_mm_for_cpu``) gets its packed weights stacked into
+    one matmul; any other layer runs as itself."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.modules = list(modules)
+        self.splits = [int(m.out_features) for m in modules]
+        self.fused = all(_int4_cpu_ready(m) for m in modules) and len({m.group_size for m in modules}) == 1
+        if self.fused:
+            self.qweight = torch.cat([m.qweight for m in modules], 0).contiguous()
+            self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
+            self.group_size = int(modules[0].group_size)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros
+            ).float()
+            return list(out.split(self.splits, dim=-1))
+        return [m(x).float() for m in self.modules]
+
+
+def _int4_cpu_ready(module: torch.nn.Module) -> bool:
+    """A GPTQ CPU layer already in its packed inference form, with an identity input order."""
+    if getattr(module, "linear_mode", None) != "inference" or not hasattr(module, "scales_and_zeros"):
+        return False
+    ret_idx = getattr(module, "ret_idx", None)
+    return ret_idx is None or torch.equal(ret_idx.long().cpu(), torch.arange(ret_idx.numel()))
+
+
+class StaticDecoder:
+    """The static KV cache and the decode step for one loaded Llama model."""
+
+    def __init__(self, model: Any, max_rows: int, compile: bool = False, lm_head: str = "float32") -> None:
+        config = model.config
+        inner = model.model
+        self.model = model
+        self.max_rows = max_rows
+        self.context = int(config.max_position_embeddings)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.gqa = self.kv_heads != self.heads  # a plain bool, decided once (compiled code needs it constant)
+        device = next(model.parameters()).device
+        self.device = device
+        self._warm_kernels(model)
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        # the LM head is most of the bytes a step reads (70% for the default model); a matrix-vector
+        # product reads a (hidden, vocab) weight about twice as fast as the (vocab, hidden) one
+        # nn.Linear keeps (0.47 vs 0.95 ms here), so it is kept transposed; bfloat16 halves it again
+        head = model.lm_head.weight.detach()
+        self.head_dtype = torch.bfloat16 if lm_head == "bfloat16" else torch.float32
+        self.head = head.t().contiguous().to(self.head_dtype)
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    Projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    Projection([attn.o_proj]),
+                    layer.post_attention_layernorm.weight,
+                    Projection([mlp.gate_proj, mlp.up_proj]),
+                    Projection([mlp.down_proj]),
+                )
+            )
+        positions = torch.arange(self.context, device=device)[None]
+        probe = torch.zeros(1, device=device, dtype=torch.float32)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].float(), sin[0].float()  # (context, head_dim)
+        shape = (max_rows, self.kv_heads, self.context, self.head_dim)
+        self.keys = [torch.zeros(shape, device=device) for _ in self.layers]
+        self.values = [torch.zeros(shape, device=device) for _ in self.layers]
+        self.compiled = False
+        self._step: Callable[..., torch.Tensor] = self.step
+        if compile:
+            self._step = torch.compile(self.step, dynamic=True, fullgraph=True)
+            self.compiled = True
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @staticmethod
+    def _warm_kernels(model: Any) -> None:
+        """GPTQ's CPU layers pack their weights on the first call: make that call now."""
+        for module in model.modules():
+            if hasattr(module, "transform") and getattr(module, "linear_mode", "x") is None:
+                with torch.inference_mode():
+                    module(torch.zeros(1, module.in_features, dtype=torch.float32))
+
+    # ---- rows ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def load_rows(self, first_slot: int, cache: Any, mask: torch.Tensor) -> None:
+        """Copy a prefill's keys and values (left-padded rows) into slots from ``first_slot`` on."""
+        lengths = mask.sum(-1).tolist()
+        width = mask.shape[1]
+        for i, layer in enumerate(cache.layers):
+            for r, n in enumerate(lengths):
+                self.keys[i][first_slot + r, :, :n] = layer.keys[r, :, width - n :]
+                self.values[i][first_slot + r, :, :n] = layer.values[r, :, width - n :]
+
+    @torch.inference_mode()
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Slot ``dst`` takes over row ``src`` (a row ended: the last row fills its slot)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+
+    # ---- the step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Logits (rows, vocab) for each running row's next token; row r's new token sits at
+        ``positions[r]`` (its length so far) and its keys/values are written there."""
+        n = len(tokens)
+        attended = min(self.context, -(-(max(positions) + 1) // LENGTH_STEP) * LENGTH_STEP)
+        tok = torch.tensor(tokens, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        return self._step(tok, pos, n, attended)
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, n: int, attended: int) -> torch.Tensor:
+        rows = torch.arange(n, device=tok.device)
+        x = self.embed[tok].float()
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, d)
+        visible = (torch.arange(attended, device=tok.device)[None, :] <= pos[:, None])[:, None, None, :]
+        for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv(_rms_norm(x, ln1, self.eps))
+            q = _rope(q.view(n, self.heads, self.head_dim), cos, sin)
+            k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
+            self.keys[i][rows, :, pos] = k
+            self.values[i][rows, :, pos] = v.view(n, self.kv_heads, self.head_dim)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, None, :],
+                self.keys[i][:n, :, :attended],
+                self.values[i][:n, :, :attended],
+                attn_mask=visible,
+                enable_gqa=self.gqa,
+            )
+            x = x + o_proj(out.reshape(n, self.heads * self.head_dim))[0]
+            g, u = gate_up(_rms_norm(x, ln2, self.eps))
+            x = x + down(torch.nn.functional.silu(g) * u)[0]
+        return (_rms_norm(x, self.norm, self.eps).to(self.head_dtype) @ self.head).float()
+
+    def warm_up(self, lengths: Sequence[int] = (1, 2)) -> float:
+        """Run (and, compiled, compile) the step once per row count in ``lengths``; seconds taken."""
+        t0 = time.perf_counter()
+        for n in lengths:
+            if n <= self.max_rows:
+                self.decode([0] * n, [1] * n)
+        return time.perf_counter() - t0
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,105 @@
+"""The static decode step (app/decode.py): the same answers as the model's own forward, rows that
+join and leave the slots keep theirs, and the compiled step is the eager step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from app.decode import supports
+from app.engine import Engine, GenerationJob, SamplingParams, StaticDecodeBatch
+
+QUESTIONS = [
+    "A 45-year-old woman has fatigue and weight gain. What next?",
+    "Chest pain?",
+    "A child has a barking cough and stridor at night. What is the likely diagnosis and treatment?",
+    "An elderly man fell and now has hip pain and cannot bear weight.",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(ci_checkpoint: Path) -> Engine:
+    return Engine.load(ci_checkpoint)  # the model's own forward
+
+
+@pytest.fixture(scope="module")
+def static(ci_checkpoint: Path) -> Engine:
+    engine = Engine.load(ci_checkpoint)
+    engine.use_static_decoder(max_rows=4)
+    assert engine.decoder is not None, engine.decode_note
+    return engine
+
+
+def jobs(engine: Engine, lengths: tuple[int, ...] = (5, 9, 14, 20)) -> list[GenerationJob]:
+    return [
+        GenerationJob(engine.encode_question(q, "General Practitioner"), SamplingParams(n, ignore_eos=True))
+        for q, n in zip(QUESTIONS, lengths, strict=False)
+    ]
+
+
+def test_static_step_gives_the_models_answers(reference: Engine, static: Engine) -> None:
+    got = static.generate(jobs(static))
+    want = reference.generate(jobs(reference))
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        assert g.logprobs == pytest.approx(w.logprobs, abs=2e-3)
+
+
+def test_rows_joining_and_leaving_the_slots_keep_their_answers(static: Engine) -> None:
+    """Rows end at different steps (the last slot moves into the hole) while queued rows join."""
+    first, queued = jobs(static, (3, 11)), jobs(static, (7, 4, 16, 2))
+    finished: dict[int, list[int]] = {}
+
+    def admit(room: int) -> list[GenerationJob]:
+        out = queued[:room]
+        del queued[:room]
+        return out
+
+    static.generate(first, admit=admit, on_finish=lambda job, r: finished.__setitem__(id(job), r.token_ids), max_rows=4)
+    for job in first + jobs(static, (7, 4, 16, 2)):
+        solo = static.generate([GenerationJob(job.prompt_ids, job.params)])[0]
+        if id(job) in finished:
+            assert finished[id(job)] == solo.token_ids
+    assert len(finished) == 6 and not queued
+
+
+def test_more_rows_than_slots_use_the_models_forward(static: Engine, reference: Engine) -> None:
+    many = jobs(static, (3, 3, 3, 3)) + jobs(static, (3,))
+    got = static.generate(many)
+    assert [r.token_ids for r in got] == [r.token_ids for r in reference.generate(many)]
+
+
+def test_compiled_step_equals_the_eager_step(ci_checkpoint: Path, static: Engine, tmp_path: Path) -> None:
+    compiled = Engine.load(ci_checkpoint)
+    compiled.use_static_decoder(max_rows=4, compile=True)
+    assert compiled.decoder is not None and compiled.decoder.compiled
+    assert compiled.info()["decode"]["compiled"] is True
+    for batch in (jobs(compiled, (12,)), jobs(compiled, (6, 12, 9))):
+        got = compiled.generate(batch)
+        want = static.generate([GenerationJob(j.prompt_ids, j.params) for j in batch])
+        for g, w in zip(got, want, strict=True):
+            assert g.token_ids == w.token_ids
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
+def test_info_says_which_path_decodes(static: Engine, reference: Engine) -> None:
+    assert static.info()["decode"]["path"] == "static" and static.info()["decode"]["kv_cache_mb"] > 0
+    assert reference.info()["decode"]["path"] == "model"
+    batch = StaticDecodeBatch(static, static.decoder)
+    assert len(batch) == 0 and batch.drop_finished() == []
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"model_type": "gpt2"}, "model type"),
+        ({"model_type": "llama", "attention_bias": True}, "biased"),
+        ({"model_type": "llama", "sliding_window": 4096}, "sliding window"),
+        ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn"}}, "rope type"),
+    ],
+)
+def test_models_the_static_step_does_not_cover_are_named(config: dict, reason: str) -> None:
+    assert reason in (supports(SimpleNamespace(config=SimpleNamespace(**config))) or "")
+    assert supports(SimpleNamespace(config=SimpleNamespace(model_type="llama"))) is None
