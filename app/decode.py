@@ -17,8 +17,10 @@ casts its input to bfloat16 and back and reorders it with an index that is the i
   ``torch.compile`` with the row count and the attended length as dynamic sizes, so continuous
   batching never recompiles. Eager ``step`` is the reference it is tested against.
 
-Prefill (a prompt's first pass) still runs through the model's own forward; its keys and values are
-copied into the row's slot. Checkpoints this does not cover (other architectures, sliding
+A prompt is run row by row straight into its slot (no padding to the longest prompt), with
+dense bfloat16 copies of the 4-bit weights where they fit in ``dense_prefill_bytes``: for a
+prompt's many rows a bfloat16 matmul beats the 4-bit kernel, for one row the 4-bit kernel wins.
+Checkpoints this does not cover (other architectures, sliding
 windows, kernels other than GPTQ's CPU/torch ones) keep the model's forward: ``supports`` says why.
 """
 
@@ -67,6 +69,28 @@ class Projection:
             self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
             self.group_size = int(modules[0].group_size)
 
+    def densify(self) -> int:
+        """Keep a dense bfloat16 copy of the weights for prompts (many rows at once), where GPTQ's CPU
+        kernel is 2.4x slower than a bfloat16 matmul (benchmarks/RESULTS.md). The copy is what the
+        kernel computes with: it is read back through the kernel itself. Returns its bytes."""
+        if not self.fused:
+            return 0
+        eye = torch.eye(self.qweight.shape[1] * 2, dtype=torch.bfloat16, device=self.qweight.device)
+        self.dense = (
+            torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_and_zeros)
+            .t()
+            .contiguous()
+        )  # (out, in)
+        return self.dense.numel() * self.dense.element_size()
+
+    def wide(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs for many rows (a prompt): the dense copy when there is one."""
+        dense = getattr(self, "dense", None)
+        if dense is None:
+            return self(x)
+        out = torch.nn.functional.linear(x.to(torch.bfloat16), dense).float()
+        return list(out.split(self.splits, dim=-1))
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -87,7 +111,14 @@ def _int4_cpu_ready(module: torch.nn.Module) -> bool:
 class StaticDecoder:
     """The static KV cache and the decode step for one loaded Llama model."""
 
-    def __init__(self, model: Any, max_rows: int, compile: bool = False, lm_head: str = "float32") -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_rows: int,
+        compile: bool = False,
+        lm_head: str = "float32",
+        dense_prefill_bytes: int = 1 << 30,
+    ) -> None:
         config = model.config
         inner = model.model
         self.model = model
@@ -122,6 +153,12 @@ class StaticDecoder:
                     Projection([mlp.down_proj]),
                 )
             )
+        self.dense_bytes = 0
+        if dense_prefill_bytes:
+            projections = [proj for layer in self.layers for proj in layer[1:3] + layer[4:6]]
+            need = sum(2 * sum(p.splits) * p.modules[0].in_features for p in projections if p.fused)
+            if need <= dense_prefill_bytes:
+                self.dense_bytes = sum(p.densify() for p in projections)
         positions = torch.arange(self.context, device=device)[None]
         probe = torch.zeros(1, device=device, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)
@@ -149,14 +186,26 @@ class StaticDecoder:
 
     # ---- rows ------------------------------------------------------------------------
     @torch.inference_mode()
-    def load_rows(self, first_slot: int, cache: Any, mask: torch.Tensor) -> None:
-        """Copy a prefill's keys and values (left-padded rows) into slots from ``first_slot`` on."""
-        lengths = mask.sum(-1).tolist()
-        width = mask.shape[1]
-        for i, layer in enumerate(cache.layers):
-            for r, n in enumerate(lengths):
-                self.keys[i][first_slot + r, :, :n] = layer.keys[r, :, width - n :]
-                self.values[i][first_slot + r, :, :n] = layer.values[r, :, width - n :]
+    def prefill(self, slot: int, ids: Sequence[int]) -> torch.Tensor:
+        """Run a prompt into ``slot`` (its keys and values written in place, no padding, no copy);
+        returns the logits (vocab,) of its next token."""
+        n = len(ids)
+        x = self.embed[torch.tensor(ids, device=self.device)].float()
+        cos, sin = self.cos[:n][:, None, :], self.sin[:n][:, None, :]
+        for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv.wide(_rms_norm(x, ln1, self.eps))
+            q = _rope(q.view(n, self.heads, self.head_dim), cos, sin).transpose(0, 1)
+            k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            v = v.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            self.keys[i][slot, :, :n] = k
+            self.values[i][slot, :, :n] = v
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, enable_gqa=self.gqa
+            )[0]
+            x = x + o_proj.wide(out.transpose(0, 1).reshape(n, self.heads * self.head_dim))[0]
+            g, u = gate_up.wide(_rms_norm(x, ln2, self.eps))
+            x = x + down.wide(torch.nn.functional.silu(g) * u)[0]
+        return (_rms_norm(x[-1:], self.norm, self.eps).to(self.head_dtype) @ self.head).float()[0]
 
     @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int) -> None:

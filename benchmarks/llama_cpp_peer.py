@@ -45,6 +45,8 @@ def start_llama(gguf: Path, name: str, slots: int, context: int, log: Path) -> T
         "--parallel", str(slots),
         "--ctx-size", str(slots * context),
         "--threads", str(os.cpu_count() or 2),
+        # one HTTP thread per concurrent stream (its default, one per core, drops the connections it cannot serve)
+        "--threads-http", str(slots + 4),
         "--no-webui",
     ]  # fmt: skip
     t = Target(name, f"http://127.0.0.1:{port}", "medask")
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--medask", nargs="+", default=["eager", "compiled"], help="MedAsk configurations to run")
+    p.add_argument("--medask", nargs="*", default=["eager", "compiled"], help="MedAsk configurations to run")
     args = p.parse_args()
     if not (LLAMA / "llama-server").is_file():
         sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
@@ -173,7 +175,8 @@ def main() -> None:
                 if rnd == 0:
                     texts[name] = greedy_text(t, prompts[0], 32)
                 for c, n in zip(args.concurrency, args.requests, strict=True):
-                    runs.setdefault((name, c), []).append(asyncio.run(drive(t, prompts, c, n, args.tokens)))
+                    result = asyncio.run(drive(t, prompts, c, n, args.tokens))
+                    runs.setdefault((name, c), []).append(result)
             except Exception as exc:  # a server failing mid-run is reported, not fatal
                 notes[name] = f"{type(exc).__name__}: {exc}"[:400]
             finally:

@@ -89,6 +89,9 @@ def start_server(
         "MEDASK_MODEL_DIR": str(checkpoint),
         "MEDASK_PORT": str(port),
         "MEDASK_EVIDENCE": "false",
+        # compiling the decode step adds seconds to every start: servers run the eager static step
+        # unless a test asks; the main `server` fixture runs the compiled default
+        "MEDASK_COMPILE": "false",
         **env,
     }
     log_fh = log_path.open("w")
@@ -143,6 +146,7 @@ def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPath
         MEDASK_BATCH_WAIT_MS="50",
         MEDASK_MAX_BODY_BYTES="65536",
         MEDASK_CORS_ORIGINS="https://clinic.example",
+        MEDASK_COMPILE="true",
     )
     assert srv.proc.poll() is None, f"server died:\n{srv.log_text()[-3000:]}"
     yield srv

@@ -44,7 +44,8 @@ def test_static_step_gives_the_models_answers(reference: Engine, static: Engine)
     want = reference.generate(jobs(reference))
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
-        assert g.logprobs == pytest.approx(w.logprobs, abs=2e-3)
+        # prompts run through bfloat16 copies of the 4-bit weights, not the 4-bit kernel: a few 1e-3 apart
+        assert g.logprobs == pytest.approx(w.logprobs, abs=5e-3)
 
 
 def test_rows_joining_and_leaving_the_slots_keep_their_answers(static: Engine) -> None:

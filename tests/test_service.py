@@ -33,6 +33,9 @@ def test_probes_and_info(server: Server) -> None:
     assert info["quantization"]["quant_method"] == "gptq" and info["quantization"]["bits"] == 4
     assert info["kernel"] != "torch.nn.Linear" and info["device"] == "cpu"
     assert "gptq" in info["heldout_metrics"] and "NOT clinically useful" in info["about"]
+    # the default decode path: the static KV cache and the compiled fused step
+    assert info["decode"]["path"] == "static" and info["decode"]["compiled"] is True, info["decode"]
+    assert info["engine"] == {"name": "local"}
     roles = httpx.get(f"{server.base}/roles", headers=server.headers()).json()
     assert "Cardiologist" in roles["roles"]
 
