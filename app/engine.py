@@ -398,7 +398,7 @@ class Engine(EngineBase):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # only the last position's logits are needed: the LM head over every prompt token was 8% of serving time
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, mask, out.logits[:, -1, :]
+        return out.cache, mask, out.logits[:, -1, :]
 
     def _step_all(self, rows: Sequence[_Row], logits: torch.Tensor) -> list[int]:
         """Sample each row's next token (its own settings), then score them all at once.
@@ -620,10 +620,10 @@ class DecodeBatch:
             input_ids=torch.tensor(self.tokens, device=self.mask.device).unsqueeze(1),
             attention_mask=self.mask,
             position_ids=self.mask.sum(-1, keepdim=True) - 1,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.tokens = self.engine._step_all(self.rows, out.logits[:, -1, :])
 
     def drop_finished(self) -> list[_Row]:

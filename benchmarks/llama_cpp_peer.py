@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import free_port  # noqa: E402
-from benchmarks.serve_load import Target, _wait, start_medask, stop  # noqa: E402
+from benchmarks.serve_load import Target, _wait, drive, start_medask, stop  # noqa: E402
 
 LLAMA = ROOT / "runs" / "llama.cpp" / "build" / "bin"
 
@@ -45,7 +45,7 @@ def start_llama(gguf: Path, name: str, slots: int, context: int, log: Path) -> T
         "--parallel", str(slots),
         "--ctx-size", str(slots * context),
         "--threads", str(os.cpu_count() or 2),
-        # one HTTP thread per concurrent stream (its default, one per core, drops the connections it cannot serve)
+        # one HTTP thread per concurrent stream (its default is one per core)
         "--threads-http", str(slots + 4),
         "--no-webui",
     ]  # fmt: skip
@@ -80,26 +80,8 @@ async def one(client: httpx.AsyncClient, t: Target, prompt: list[int], tokens: i
             if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
                 ttft = time.perf_counter() - t0
     generated = (usage or {}).get("completion_tokens") or tokens
-    return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": generated}
-
-
-async def drive(t: Target, prompts: list[list[int]], concurrency: int, n: int, tokens: int) -> dict:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        await one(client, t, prompts[0], 4)  # warm-up
-
-        async def task(i: int) -> dict:
-            async with sem:
-                return await one(client, t, prompts[i % len(prompts)], tokens)
-
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(task(i) for i in range(n)))
-        wall = time.perf_counter() - t0
-    return {
-        "tok_s": sum(r["tokens"] for r in results) / wall,
-        "p50_s": statistics.median(r["latency"] for r in results),
-        "ttft_p50_s": statistics.median(r["ttft"] or r["latency"] for r in results),
-    }
+    latency = time.perf_counter() - t0
+    return {"latency": latency, "ttft": ttft if ttft is not None else latency, "tokens": generated}
 
 
 def greedy_text(t: Target, prompt: list[int], tokens: int) -> str:
@@ -175,7 +157,9 @@ def main() -> None:
                 if rnd == 0:
                     texts[name] = greedy_text(t, prompts[0], 32)
                 for c, n in zip(args.concurrency, args.requests, strict=True):
-                    result = asyncio.run(drive(t, prompts, c, n, args.tokens))
+                    # a new connection per request for every server: llama-server (cpp-httplib) closes a
+                    # kept-alive connection after a few requests, and a client reusing it reads "disconnected"
+                    result = asyncio.run(drive(t, prompts, c, n, args.tokens, request=one, keep_alive=False))
                     runs.setdefault((name, c), []).append(result)
             except Exception as exc:  # a server failing mid-run is reported, not fatal
                 notes[name] = f"{type(exc).__name__}: {exc}"[:400]

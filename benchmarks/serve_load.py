@@ -21,8 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -141,15 +143,27 @@ async def one_request(client: httpx.AsyncClient, t: Target, question: str, token
     return {"latency": latency, "ttft": ttft if ttft is not None else latency, "tokens": generated}
 
 
-async def drive(t: Target, questions: list[str], concurrency: int, n: int, tokens: int) -> dict:
+async def drive(
+    t: Target,
+    questions: list[Any],
+    concurrency: int,
+    n: int,
+    tokens: int,
+    request: Callable[..., Awaitable[dict]] | None = None,
+    keep_alive: bool = True,
+) -> dict:
+    """``n`` requests, ``concurrency`` at a time; ``request(client, t, question, tokens)`` makes one
+    (default: a streamed chat completion) and returns its latency, TTFT and tokens."""
+    request = request or one_request
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=None if keep_alive else 0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def task(i: int) -> dict:
             async with sem:
-                return await one_request(client, t, questions[i % len(questions)], tokens)
+                return await request(client, t, questions[i % len(questions)], tokens)
 
-        await one_request(client, t, questions[0], 4)  # warm-up
+        await request(client, t, questions[0], 4)  # warm-up
         t0 = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(n)))
         wall = time.perf_counter() - t0

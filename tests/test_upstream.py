@@ -99,7 +99,9 @@ def test_ask_gives_the_same_answer_and_perplexity_in_both_modes(pair: tuple[Serv
         streamed, summary = ask_stream(front, question, role)
         assert streamed == ask_stream(up, question, role)[0]
         assert summary["answer"] == local["answer"]
-        assert summary["perplexity"] == pytest.approx(local["perplexity"], rel=1e-3)
+        # rescored by the upstream's model forward (float32 LM head), where the answer's own log-probs
+        # came from its static decode step (bfloat16 LM head): 0.1-0.2% apart
+        assert summary["perplexity"] == pytest.approx(local["perplexity"], rel=5e-3)
 
 
 def test_emergency_advice_and_refusals_hold_in_upstream_mode(pair: tuple[Server, Server]) -> None:
