@@ -53,14 +53,18 @@ def test_overload_gives_200_or_429_and_recovers(server: Server) -> None:
 
 def test_disconnected_clients_free_their_slots(server: Server) -> None:
     long_ask = {"question": f"Describe the management of {MARKER} ketoacidosis in detail.", "max_new_tokens": 400}
+    # exactly 440 tokens each (ignore_eos): an answer that ends at an early EOS could finish before its
+    # client's departure is noticed, and 12 of them (the server runs 8 at a time) keep 4 queued behind
+    # 440 decode steps of the others
+    long_completion = {"prompt": f"Management of {MARKER} ketoacidosis:", "max_tokens": 440, "ignore_eos": True}
 
-    # drop while generating or queued: the clients leave once the server holds all four requests
+    # drop while generating or queued: the clients leave once the server holds all twelve requests
     # (seen in its gauges, not guessed from a timeout)
     async def leave_while_held() -> None:
         async with httpx.AsyncClient(base_url=server.base, headers=server.headers(), timeout=120) as client:
-            tasks = [asyncio.create_task(client.post("/ask", json=long_ask)) for _ in range(4)]
+            tasks = [asyncio.create_task(client.post("/v1/completions", json=long_completion)) for _ in range(12)]
             deadline = time.time() + 60
-            while sum(_gauges(server)) < 4:
+            while sum(_gauges(server)) < 12:
                 assert time.time() < deadline and not any(t.done() for t in tasks)
                 await asyncio.sleep(0.05)
             for t in tasks:
