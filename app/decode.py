@@ -39,6 +39,18 @@ log = logging.getLogger("medask.decode")
 LENGTH_STEP = 64
 
 
+# a static cache larger than this is not allocated: the model's forward grows its cache as rows need it
+MAX_STATIC_CACHE_BYTES = 8 << 30
+
+
+def cache_bytes(config: Any, rows: int) -> int:
+    """Bytes of a float32 static KV cache for ``rows`` slots of the full context."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * int(config.num_hidden_layers) * rows * kv_heads * int(config.max_position_embeddings) * head_dim * 4
+
+
 def supports(model: Any) -> str | None:
     """Why this model cannot use the static decode step (None: it can)."""
     config = model.config

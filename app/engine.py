@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.decode import StaticDecoder, supports
+from app.decode import MAX_STATIC_CACHE_BYTES, StaticDecoder, cache_bytes, supports
 from app.manifest import read_manifest, verify_checkpoint
 from app.prompting import Turn, render_prompt
 from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
@@ -300,6 +300,11 @@ class Engine(EngineBase):
         """Decode with app.decode's static KV cache and fused step (compiled if asked), when this
         model allows it; returns the seconds spent setting up (and compiling)."""
         reason = supports(self.model)
+        if reason is None and (need := cache_bytes(self.model.config, max_rows)) > MAX_STATIC_CACHE_BYTES:
+            reason = (
+                f"a static KV cache for {max_rows} rows of the full context needs {need / 2**30:.1f} GiB "
+                f"(more than {MAX_STATIC_CACHE_BYTES / 2**30:.0f}); lower MEDASK_MAX_BATCH_SIZE to use it"
+            )
         if reason is None and self.device != "cpu":
             reason = f"device {self.device} (the fused step uses GPTQ's CPU kernel; CUDA graphs are future work)"
         if reason is not None:

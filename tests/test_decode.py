@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.decode import supports
+from app.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, supports
 from app.engine import Engine, GenerationJob, SamplingParams, StaticDecodeBatch
 
 QUESTIONS = [
@@ -104,3 +104,19 @@ def test_info_says_which_path_decodes(static: Engine, reference: Engine) -> None
 def test_models_the_static_step_does_not_cover_are_named(config: dict, reason: str) -> None:
     assert reason in (supports(SimpleNamespace(config=SimpleNamespace(**config))) or "")
     assert supports(SimpleNamespace(config=SimpleNamespace(model_type="llama"))) is None
+
+
+def test_a_static_cache_too_large_to_allocate_is_not_allocated() -> None:
+    """Llama-2-7B (32 layers, 32 heads of 128, 4,096 positions) on a CPU: 16 rows would need 64 GiB."""
+    llama2 = SimpleNamespace(
+        num_attention_heads=32, num_hidden_layers=32, hidden_size=4096, max_position_embeddings=4096
+    )
+    assert cache_bytes(llama2, 16) == 64 << 30 > MAX_STATIC_CACHE_BYTES
+    assert cache_bytes(llama2, 1) < MAX_STATIC_CACHE_BYTES
+
+
+def test_a_too_large_cache_falls_back_to_the_models_forward(ci_checkpoint: Path) -> None:
+    engine = Engine.load(ci_checkpoint)
+    assert engine.use_static_decoder(max_rows=1_000_000) == 0.0
+    assert engine.decoder is None and "lower MEDASK_MAX_BATCH_SIZE" in engine.decode_note
+    assert engine.info()["decode"]["path"] == "model"
