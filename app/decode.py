@@ -20,20 +20,18 @@ casts its input to bfloat16 and back and reorders it with an index that is the i
 A prompt is run row by row straight into its slot (no padding to the longest prompt), with
 dense bfloat16 copies of the 4-bit weights where they fit in ``dense_prefill_bytes``: for a
 prompt's many rows a bfloat16 matmul beats the 4-bit kernel, for one row the 4-bit kernel wins.
-Checkpoints this does not cover (other architectures, sliding
-windows, kernels other than GPTQ's CPU/torch ones) keep the model's forward: ``supports`` says why.
+Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
+``desc_act``) run as themselves inside the step. Checkpoints it does not cover (other
+architectures, biases, sliding windows, unusual RoPE) keep the model's forward: ``supports`` says why.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-
-log = logging.getLogger("medask.decode")
 
 # attended lengths are rounded up to a multiple of this: fewer distinct shapes, little waste
 LENGTH_STEP = 64
@@ -133,7 +131,6 @@ class StaticDecoder:
     ) -> None:
         config = model.config
         inner = model.model
-        self.model = model
         self.max_rows = max_rows
         self.context = int(config.max_position_embeddings)
         self.heads = int(config.num_attention_heads)
@@ -184,9 +181,9 @@ class StaticDecoder:
             self._step = torch.compile(self.step, dynamic=True, fullgraph=True)
             self.compiled = True
 
-    @property
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+    def use_eager(self) -> None:
+        """Run the step uncompiled (compilation failed): same cache, same weights, same numbers."""
+        self._step, self.compiled = self.step, False
 
     @staticmethod
     def _warm_kernels(model: Any) -> None:

@@ -106,6 +106,11 @@ class GenerationResult:
         return score_from_logprobs(self.logprobs, self.text)
 
     @property
+    def perplexity(self) -> float | None:
+        """The answer's token perplexity, or None when the engine gave no log-probabilities."""
+        return self.score.perplexity if self.scored else None
+
+    @property
     def finish(self) -> str:
         """The finish reason clients see: ``stop`` (end of sequence or a stop string) or ``length``."""
         return "stop" if self.finish_reason == "stop" else "length"
@@ -118,6 +123,15 @@ class PromptLogprobs:
     offsets: list[int]
     logprobs: list[float | None]
     top: list[dict[str, float] | None]
+
+
+def text_offsets(tokens: Sequence[str]) -> list[int]:
+    """Where each token's text starts in their concatenation (OpenAI's ``text_offset``)."""
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return offsets
 
 
 def resolve_dtype(wanted: str, device: str) -> str:
@@ -155,6 +169,7 @@ class EngineBase:
     kernel = "none"
     device = "none"
     continuous_batching = True
+    score_problem: str | None = None  # why this engine cannot score prompts (None: it can)
 
     def __init__(
         self,
@@ -318,7 +333,7 @@ class Engine(EngineBase):
             if not compile:
                 raise
             log.warning("torch.compile failed; decoding with the eager static step", exc_info=True)
-            self.decoder = StaticDecoder(self.model, max_rows, compile=False, lm_head=lm_head)
+            self.decoder.use_eager()
             self.decode_note = f"static KV cache, fused step (eager: torch.compile failed: {type(exc).__name__})"
             return self.decoder.warm_up((1, 2))
 
@@ -482,10 +497,7 @@ class Engine(EngineBase):
         """Per-token log-probabilities of a prompt's tokens (OpenAI echo + logprobs)."""
         dev = self.model.device
         tokens = [self.tokenizer.decode([t]) for t in ids]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
+        offsets = text_offsets(tokens)
         if not ids:
             return PromptLogprobs([], [], [], [], [])
         logits = self.model(input_ids=torch.tensor([ids], device=dev)).logits[0].float()
@@ -511,7 +523,7 @@ class Engine(EngineBase):
             "compiled": bool(d and d.compiled),
             "lm_head": str(d.head_dtype).replace("torch.", "") if d is not None else None,
             "slots": d.max_rows if d is not None else None,
-            "kv_cache_mb": round(d.cache_bytes / 2**20, 1) if d is not None else None,
+            "kv_cache_mb": round(cache_bytes(self.model.config, d.max_rows) / 2**20, 1) if d is not None else None,
             # prompts run through dense bfloat16 copies of the 4-bit weights when they fit (0: the 4-bit kernel)
             "prompt_weights_mb": round(d.dense_bytes / 2**20, 1) if d is not None else None,
         }

@@ -189,27 +189,21 @@ class Scheduler:
             works.update({id(w.payload): w for w in new})
             return [w.payload for w in new]
 
-        def finished(job: GenerationJob, result: GenerationResult) -> None:
+        def ended(job: GenerationJob, result: GenerationResult | None = None, exc: BaseException | None = None) -> None:
+            """A row finished (or, with an upstream engine, failed alone): its work leaves the batch."""
             work = works.pop(id(job))
             with self._cond:
                 self.policy.finished(work)
                 self._gauges()
-            _deliver(work, result=result)
-
-        def failed(job: GenerationJob, exc: BaseException) -> None:  # one row failed alone (an upstream call)
-            work = works.pop(id(job))
-            with self._cond:
-                self.policy.finished(work)
-                self._gauges()
-            _deliver(work, exc=exc)
+            _deliver(work, result=result, exc=exc)
 
         try:
             self.engine.generate(
                 [w.payload for w in batch],
                 admit=admit if self.continuous else None,
-                on_finish=finished,
+                on_finish=ended,
                 max_rows=self.max_batch,
-                on_error=failed,
+                on_error=lambda job, exc: ended(job, exc=exc),
             )
         except Exception as exc:
             for work in works.values():  # admitted rows are not in ``batch``: tell them too

@@ -114,22 +114,8 @@ class Serving:
             key_share=s.key_queue_share,
             max_batch_tokens=s.max_batch_tokens or s.max_batch_size * engine.context_length // 2,
         )
-        if isinstance(engine, Engine) and s.decode == "static":
-            self.state = "compiling" if s.compile else "preparing_decode"
-            if s.compile and s.compile_cache_dir is not None:
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(s.compile_cache_dir))
-            seconds = engine.use_static_decoder(
-                s.max_batch_size if s.batching else 1, compile=s.compile, lm_head=s.lm_head_dtype
-            )
-            log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
-        if s.warmup and isinstance(engine, Engine):  # before the worker starts: the model is never used by two threads
-            self.state = "warming_up"
-            prompt = engine.encode_question(
-                "Warm-up: a patient has a mild headache. What next?", "General Practitioner"
-            )
-            result = engine.generate([GenerationJob(prompt, SamplingParams(max_new_tokens=4))])[0]
-            if result.finish_reason not in ("stop", "length"):
-                raise CheckpointError("warm-up generation failed")
+        if isinstance(engine, Engine):  # before the worker starts: the model is never used by two threads
+            self._prepare(engine)
         self.scheduler.start()
         self.ready = True
         self.state = "ready"
@@ -144,6 +130,26 @@ class Serving:
                 "load_seconds": round(engine.load_seconds, 2),
             },
         )
+
+    def _prepare(self, engine: Engine) -> None:
+        """A local engine's decode path (the static step, compiled if asked), then a warm-up generation."""
+        s = self.settings
+        if s.decode == "static":
+            self.state = "compiling" if s.compile else "preparing_decode"
+            if s.compile and s.compile_cache_dir is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(s.compile_cache_dir)
+            seconds = engine.use_static_decoder(
+                s.max_batch_size if s.batching else 1, compile=s.compile, lm_head=s.lm_head_dtype
+            )
+            log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
+        if s.warmup:
+            self.state = "warming_up"
+            prompt = engine.encode_question(
+                "Warm-up: a patient has a mild headache. What next?", "General Practitioner"
+            )
+            result = engine.generate([GenerationJob(prompt, SamplingParams(max_new_tokens=4))])[0]
+            if result.finish_reason not in ("stop", "length"):
+                raise CheckpointError("warm-up generation failed")
 
     def _load_engine(self) -> EngineBase:
         s = self.settings
@@ -175,9 +181,9 @@ class Serving:
 
     def perplexity_note(self, result: GenerationResult) -> str | None:
         """Why an answer has no perplexity (None when it has one)."""
-        if result.scored:
+        if result.perplexity is not None:
             return None
-        problem = getattr(self.engine, "score_problem", None) or "the engine returned no log-probabilities"
+        problem = (self.engine and self.engine.score_problem) or "the engine returned no log-probabilities"
         return f"no perplexity: the upstream engine cannot score this answer ({problem})"
 
     @property
@@ -359,7 +365,7 @@ class Serving:
     ) -> tuple[str, Quality]:
         """What every generating route delivers: the fixed advice first, then the model's text or,
         when the gate withholds it, a plain statement with the evidence to read instead."""
-        quality = self.quality(result.text, question, result.score.perplexity if result.scored else None)
+        quality = self.quality(result.text, question, result.perplexity)
         return compose(triage.prefix, self.shown_answer(result.text, quality, passages)), quality
 
     def refusal(self, triage: Triage) -> str:
@@ -470,8 +476,8 @@ class Serving:
     def _observe(self, t0: float, result: GenerationResult) -> None:
         if result.first_token_at is not None:
             self.metrics.ttft.observe(max(result.first_token_at - t0, 0.0))
-        if result.scored and result.completion_tokens:
-            self.metrics.answer_perplexity.observe(result.score.perplexity)
+        if result.perplexity is not None and result.completion_tokens:
+            self.metrics.answer_perplexity.observe(result.perplexity)
 
     def stream(
         self,

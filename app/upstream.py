@@ -42,6 +42,7 @@ from app.engine import (
     PromptLogprobs,
     ScoreItem,
     open_checkpoint,
+    text_offsets,
 )
 from app.metrics import Metrics
 from app.scoring import Score, score_from_logprobs
@@ -268,6 +269,13 @@ class UpstreamEngine(EngineBase):
         got = prompt_entries(body, len(ids))
         return got if isinstance(got, str) else None
 
+    async def _echoed(self, ids: list[int], top_k: int = 1) -> tuple[list[str], list[float | None], list[Any]]:
+        """The upstream's log-probabilities of a prompt's own tokens (echo + logprobs)."""
+        entries = prompt_entries(await self._post(self._echo_body(ids, top_k), "score"), len(ids))
+        if isinstance(entries, str):
+            raise UpstreamError(502, "upstream_error", f"the upstream engine could not score: {entries}")
+        return entries
+
     def _down(self, reason: str, why: str) -> None:
         self.metrics.upstream_errors.labels(why).inc()
         if self.down_reason != reason:
@@ -449,16 +457,13 @@ class UpstreamEngine(EngineBase):
                 pieces=pieces,
                 **common,
             )
-        # no log-probs with the text: score the answer as the prompt's continuation, if the upstream can
+        # no log-probs with the text: score the answer as the prompt's continuation, if the upstream can;
+        # if that fails the answer is still delivered, unscored
         answer_ids = self.encode(text)
         if self.score_problem is None and answer_ids:
-            entries = prompt_entries(
-                await self._post(self._echo_body(job.prompt_ids + answer_ids, 1), "score"),
-                len(job.prompt_ids) + len(answer_ids),
-            )
-            if not isinstance(entries, str):
-                tokens, lps, _ = entries
-                n = len(job.prompt_ids)
+            n = len(job.prompt_ids)
+            with contextlib.suppress(UpstreamError):
+                tokens, lps, _ = await self._echoed(job.prompt_ids + answer_ids)
                 return GenerationResult(
                     text,
                     [],
@@ -540,10 +545,8 @@ class UpstreamEngine(EngineBase):
         self._require_scoring()
 
         async def one(target: str, ids: list[int], start: int) -> Score:
-            entries = prompt_entries(await self._post(self._echo_body(ids, 1), "score"), len(ids))
-            if isinstance(entries, str):
-                raise UpstreamError(502, "upstream_error", f"the upstream engine could not score: {entries}")
-            return score_from_logprobs([float(x) for x in entries[1][start:] if x is not None], target)
+            _, lps, _ = await self._echoed(ids)
+            return score_from_logprobs([float(x) for x in lps[start:] if x is not None], target)
 
         async def all_items() -> list[Score]:
             return list(await asyncio.gather(*(one(target, ids, start) for _, target, (ids, start) in items)))
@@ -554,17 +557,11 @@ class UpstreamEngine(EngineBase):
         self._require_scoring()
         if not ids:
             return PromptLogprobs([], [], [], [], [])
-        entries = prompt_entries(self._run(self._post(self._echo_body(ids, top_k), "score")), len(ids))
-        if isinstance(entries, str):
-            raise UpstreamError(502, "upstream_error", f"the upstream engine could not score: {entries}")
-        tokens, lps, tops = entries
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
+        tokens, lps, tops = self._run(self._echoed(ids, top_k))
         top = [t if top_k > 0 and t else None for t in tops]
         top[0] = None
-        return PromptLogprobs([str(t) for t in tokens], ids, offsets, lps, top)
+        texts = [str(t) for t in tokens]
+        return PromptLogprobs(texts, ids, text_offsets(texts), lps, top)
 
     def info(self) -> dict[str, Any]:
         out = super().info()

@@ -65,8 +65,7 @@ async def one(client: httpx.AsyncClient, t: Target, prompt: list[int], tokens: i
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
-    if t.name.startswith("llama"):
-        body.update(cache_prompt=False, repeat_penalty=1.0)
+    peer_settings(t, body)
     t0 = time.perf_counter()
     ttft, usage = None, None
     async with client.stream("POST", f"{t.base}/v1/completions", json=body) as r:
@@ -85,10 +84,28 @@ async def one(client: httpx.AsyncClient, t: Target, prompt: list[int], tokens: i
 
 
 def greedy_text(t: Target, prompt: list[int], tokens: int) -> str:
-    body = {"model": t.model, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    body = peer_settings(t, {"model": t.model, "prompt": prompt, "max_tokens": tokens, "temperature": 0})
+    return httpx.post(f"{t.base}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+
+def peer_settings(t: Target, body: dict) -> dict:
+    """llama-server's defaults that would make it do other work than MedAsk: no prompt cache, no repeat penalty."""
     if t.name.startswith("llama"):
         body.update(cache_prompt=False, repeat_penalty=1.0)
-    return httpx.post(f"{t.base}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    return body
+
+
+def gguf_files(model: str, work: Path) -> tuple[Path, Path]:
+    """The checkpoint exported to GGUF (f32) and quantized to Q4_0, rebuilt when the checkpoint is newer."""
+    work.mkdir(parents=True, exist_ok=True)
+    f32, q4 = work / "medask-f32.gguf", work / "medask-q4_0.gguf"
+    if not f32.exists() or f32.stat().st_mtime < (Path(model) / "manifest.json").stat().st_mtime:
+        cmd = [sys.executable, "-m", "training", "export", model, "--format", "gguf", "--out", str(f32)]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        q4.unlink(missing_ok=True)
+    if not q4.exists():
+        subprocess.run([str(LLAMA / "llama-quantize"), str(f32), str(q4), "Q4_0"], check=True, capture_output=True)
+    return f32, q4
 
 
 def main() -> None:
@@ -108,17 +125,7 @@ def main() -> None:
     if not (LLAMA / "llama-server").is_file():
         sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
     work = ROOT / "runs" / "bench"
-    work.mkdir(parents=True, exist_ok=True)
-    f32, q4 = work / "medask-f32.gguf", work / "medask-q4_0.gguf"
-    if not f32.exists() or f32.stat().st_mtime < (Path(args.model) / "manifest.json").stat().st_mtime:
-        subprocess.run(
-            [sys.executable, "-m", "training", "export", args.model, "--format", "gguf", "--out", str(f32)],
-            check=True,
-            cwd=ROOT,
-        )
-        q4.unlink(missing_ok=True)
-    if not q4.exists():
-        subprocess.run([str(LLAMA / "llama-quantize"), str(f32), str(q4), "Q4_0"], check=True, capture_output=True)
+    f32, q4 = gguf_files(args.model, work)
 
     _, front, _, config = open_checkpoint(Path(args.model))
     context = int(config["max_position_embeddings"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.llama_cpp_peer import LLAMA, start_llama  # noqa: E402
+from benchmarks.llama_cpp_peer import LLAMA, gguf_files, start_llama  # noqa: E402
 from benchmarks.serve_load import start_medask, stop  # noqa: E402
 
 QUESTION = "A 45-year-old man has a productive cough and fever for three days. What is the likely diagnosis?"
@@ -43,11 +42,7 @@ def main() -> None:
     if not (LLAMA / "llama-server").is_file():
         sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
     work = ROOT / "runs" / "bench"
-    work.mkdir(parents=True, exist_ok=True)
-    gguf = work / "medask-f32.gguf"
-    if not gguf.exists():
-        cmd = [sys.executable, "-m", "training", "export", args.model, "--format", "gguf", "--out", str(gguf)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+    gguf, _ = gguf_files(args.model, work)
     ask = {"question": QUESTION, "role": "Pulmonologist", "max_new_tokens": 32}
     env = {"MEDASK_EVIDENCE": "false"}
     local = start_medask(args.model, True, work / "local.log", env)

@@ -120,3 +120,21 @@ def test_a_too_large_cache_falls_back_to_the_models_forward(ci_checkpoint: Path)
     assert engine.use_static_decoder(max_rows=1_000_000) == 0.0
     assert engine.decoder is None and "lower MEDASK_MAX_BATCH_SIZE" in engine.decode_note
     assert engine.info()["decode"]["path"] == "model"
+
+
+def test_a_step_that_cannot_compile_runs_eager(ci_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler (the slim Docker image without g++, say): the service still starts, eager."""
+    import torch
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = Engine.load(ci_checkpoint)
+    engine.use_static_decoder(max_rows=2, compile=True)
+    assert engine.decoder is not None and not engine.decoder.compiled
+    assert "torch.compile failed: RuntimeError" in engine.info()["decode"]["note"]
+    assert engine.generate(jobs(engine, (4,)))[0].token_ids

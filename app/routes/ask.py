@@ -32,7 +32,7 @@ def _summary(
         prompt_tokens = completion_tokens = 0
     else:
         answer, q = svc.answer(result, req.question, triage, passages or [])
-        perplexity = round(result.score.perplexity, 4) if result.scored else None
+        perplexity = round(result.perplexity, 4) if result.perplexity is not None else None
         quality, note = q.public(), svc.perplexity_note(result)
         finish = result.finish
         prompt_tokens, completion_tokens = result.prompt_tokens, result.completion_tokens
