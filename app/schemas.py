@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.prompting import DEFAULT_ROLE, MAX_ROLE_CHARS, role_problem
+from app.triage.text import is_blank
 
 MAX_QUESTION_CHARS = 4000
 MAX_TEXT_CHARS = 20000
@@ -66,7 +67,7 @@ class ErrorResponse(BaseModel):
 
 def _clean_question(v: str) -> str:
     v = v.strip()
-    if not v:
+    if is_blank(v):  # invisible characters alone ("\u200b", "\ufeff") are empty too
         raise ValueError("question must not be empty or only whitespace")
     if len(v) > MAX_QUESTION_CHARS:
         raise ValueError(f"question must be at most {MAX_QUESTION_CHARS} characters after trimming (got {len(v)})")
@@ -145,6 +146,11 @@ class TriageFlag(BaseModel):
     name: str
     level: Literal["emergency", "crisis", "urgent"]
     advice: str
+    signal: Literal["rules", "classifier"] = Field(
+        "rules",
+        description="rules: phrase rules and measured findings; classifier: the second, statistical signal "
+        "alone raised this level (no rule matched)",
+    )
 
 
 class TriageOut(BaseModel):
@@ -157,6 +163,13 @@ class TriageOut(BaseModel):
     advice: str | None = Field(
         None, description="fixed, rule-owned advice (emergency and crisis): the answer starts with it"
     )
+    language: str = Field("en", description="the question's language (en, pt): the advice is written in it")
+    findings: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="measurements read from the question (spo2, sbp, dbp, hr, rr, temp_c, gcs, glucose_mmol, "
+        "ketones, ph, lactate, map, age_days, pregnancy_weeks, minutes)",
+    )
+    note: str | None = Field(None, description="said in the question's language, e.g. that answers are in English")
 
 
 class QualityOut(BaseModel):

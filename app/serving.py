@@ -91,7 +91,12 @@ class Serving:
         s = self.settings
         try:
             # the rules first: a broken rule file is refused before minutes of model loading
-            self.safety = SafetyLayer.load(s.safety_rules, s.emergency_number, s.crisis_line)
+            self.safety = SafetyLayer.load(
+                s.safety_rules,
+                s.emergency_number,
+                s.crisis_line,
+                numbers={"pt": {"emergency_number": s.emergency_number_pt, "crisis_line": s.crisis_line_pt}},
+            )
         except SafetyRulesError as exc:
             raise CheckpointError(str(exc)) from exc
         try:
@@ -371,7 +376,7 @@ class Serving:
     def refusal(self, triage: Triage) -> str:
         """The answer to an out-of-scope question: the rule file's refusal, no model call."""
         assert self.safety is not None
-        return compose(triage.prefix, self.safety.refusal)
+        return compose(triage.prefix, self.safety.refusal_for(triage))
 
     def events(self, events: list[str]) -> StreamingResponse:
         """A stream whose every event is known up front (a refusal: no model call)."""

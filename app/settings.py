@@ -122,6 +122,12 @@ class Settings(BaseSettings):
     safety_rules: Path | None = Field(None, description="triage rule file; default: app/safety_rules.yaml")
     emergency_number: str = Field("911", min_length=1, description="said in emergency advice")
     crisis_line: str = Field("988 (call or text)", min_length=1, description="said in crisis advice")
+    emergency_number_pt: str = Field(
+        "192 (SAMU)", min_length=1, description="said in emergency advice to questions in Portuguese"
+    )
+    crisis_line_pt: str = Field(
+        "188 (CVV)", min_length=1, description="said in crisis advice to questions in Portuguese"
+    )
     roles: str = Field(",".join(SPECIALTIES), description="comma-separated specialties listed at /roles")
 
     @field_validator("api_keys")

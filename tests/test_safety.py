@@ -122,7 +122,7 @@ def test_rules_version_and_info(layer: SafetyLayer) -> None:
     ("edit", "message"),
     [
         (lambda t: t + "\n  - id: broken\n    name: [unclosed\n", "not valid YAML at line"),
-        (lambda t: t.replace("any_of: [[tearing_pain]]", "any_of: [[no_such_concept]]"), "no_such_concept"),
+        (lambda t: t.replace("any_of: [[tearing_pain]", "any_of: [[no_such_concept]"), "no_such_concept"),
         (lambda t: t.replace('"version: ', "").replace('version: "', 'versio: "'), "version"),
         (lambda t: t.replace('stemi: ["st elevation"', 'stemi: ["/[unclosed/"'), "stemi"),
     ],
