@@ -99,6 +99,30 @@ def test_out_of_scope_is_refused_without_a_model_call(server: Server) -> None:
     assert generated() == before
 
 
+def test_portuguese_questions_get_portuguese_advice_first_on_every_route(server: Server) -> None:
+    question = f"{MARKER} meu pai de 70 anos ta com dor no peito que vai pro braço e suando frio"
+    body = post(server, "/ask", {"question": question, "max_new_tokens": 4}).json()
+    triage = body["triage"]
+    assert triage["language"] == "pt" and triage["level"] == "emergency"
+    assert triage["advice"].startswith("EMERGÊNCIA") and "192" in triage["advice"]
+    assert body["answer"].startswith(triage["advice"] + "\n\n") and "inglês" in triage["note"]
+    assert triage["findings"]["age_days"] == [70 * 365]
+    events = sse_events(server, "/ask", {"question": question, "max_new_tokens": 4, "stream": True})
+    assert events[0][0] == "triage" and json.loads(events[1][1])["text"].startswith("EMERGÊNCIA")
+    chat = post(
+        server, "/v1/chat/completions", {"max_tokens": 4, "messages": [{"role": "user", "content": "quero me matar"}]}
+    ).json()
+    assert chat["triage"]["level"] == "crisis" and "188" in chat["choices"][0]["message"]["content"].split("\n\n")[0]
+    refused = post(server, "/ask", {"question": "Qual a capital da Austrália?"}).json()
+    assert refused["finish_reason"] == "refused" and "fora do escopo" in refused["answer"]
+
+
+def test_a_question_of_invisible_characters_is_empty(server: Server) -> None:
+    for question in ("\u200b\u200b", "\ufeff", " \u00ad "):
+        r = post(server, "/ask", {"question": question})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "question", r.text
+
+
 def test_evidence_can_be_turned_off_and_sized(server: Server) -> None:
     q = {"question": "Barking cough and stridor in a 3-year-old: treatment?", "max_new_tokens": 4}
     assert post(server, "/ask", {**q, "evidence": False}).json()["citations"] == []
