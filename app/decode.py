@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,6 +119,36 @@ def _int4_cpu_ready(module: torch.nn.Module) -> bool:
     return ret_idx is None or torch.equal(ret_idx.long().cpu(), torch.arange(ret_idx.numel()))
 
 
+def choose_head_dtype(head: torch.Tensor, max_rows: int, reps: int = 5) -> tuple[str, dict[str, float]]:
+    """Time the LM head's matmul in float32 and bfloat16 on this CPU (one row and a full batch) and
+    pick the faster: bfloat16 reads half the bytes, but without native bf16 instructions (AVX2-only
+    CPUs) it was measured 5-10x slower, so no dtype is assumed. A few milliseconds at start."""
+    timing: dict[str, float] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        weight = head.to(dtype)
+        total = 0.0
+        for rows in (1, max_rows):
+            x = torch.randn(rows, head.shape[0], dtype=dtype)
+            (x @ weight).float()  # warm the kernel and its caches
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                (x @ weight).float()
+            total += (time.perf_counter() - t0) / reps
+        timing[name] = round(1000 * total, 4)
+    return min(timing, key=timing.__getitem__), timing
+
+
+def cpu_flags() -> list[str]:
+    """The instruction sets that decide which kernels are fast here (benchmarks record them too)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+    return [f for f in wanted if f in line.split()]
+
+
 class StaticDecoder:
     """The static KV cache and the decode step for one loaded Llama model."""
 
@@ -146,9 +177,12 @@ class StaticDecoder:
         # the LM head is most of the bytes a step reads (70% for the default model); a matrix-vector
         # product reads a (hidden, vocab) weight about twice as fast as the (vocab, hidden) one
         # nn.Linear keeps (0.47 vs 0.95 ms here), so it is kept transposed; bfloat16 halves it again
-        head = model.lm_head.weight.detach()
+        head = model.lm_head.weight.detach().t().contiguous()
+        self.head_timing: dict[str, float] = {}
+        if lm_head == "auto":
+            lm_head, self.head_timing = choose_head_dtype(head, max_rows)
         self.head_dtype = torch.bfloat16 if lm_head == "bfloat16" else torch.float32
-        self.head = head.t().contiguous().to(self.head_dtype)
+        self.head = head.to(self.head_dtype)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.decode import MAX_STATIC_CACHE_BYTES, StaticDecoder, cache_bytes, supports
+from app.decode import MAX_STATIC_CACHE_BYTES, StaticDecoder, cache_bytes, cpu_flags, supports
 from app.manifest import read_manifest, verify_checkpoint
 from app.prompting import Turn, render_prompt
 from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
@@ -522,6 +522,9 @@ class Engine(EngineBase):
             "note": self.decode_note,
             "compiled": bool(d and d.compiled),
             "lm_head": str(d.head_dtype).replace("torch.", "") if d is not None else None,
+            # chosen by timing both on this CPU when MEDASK_LM_HEAD_DTYPE=auto (ms per 1-row + full-batch matmul)
+            "lm_head_timing_ms": d.head_timing if d is not None else None,
+            "cpu_flags": cpu_flags(),
             "slots": d.max_rows if d is not None else None,
             "kv_cache_mb": round(cache_bytes(self.model.config, d.max_rows) / 2**20, 1) if d is not None else None,
             # prompts run through dense bfloat16 copies of the 4-bit weights when they fit (0: the 4-bit kernel)

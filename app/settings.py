@@ -58,10 +58,11 @@ class Settings(BaseSettings):
     compile_cache_dir: Path | None = Field(
         None, description="where compiled kernels are kept across restarts (TorchInductor's cache); default: torch's"
     )
-    lm_head_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16",
-        description="the static step's LM head weights: bfloat16 reads half the bytes (1.25x tokens/s at 16 rows) "
-        "for -0.001% held-out bits per byte (benchmarks/lm_head.py); float32 to match /perplexity to the last digit",
+    lm_head_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the static step's LM head weights. auto: both are timed at start on this CPU and the faster "
+        "kept (bfloat16 reads half the bytes, -0.001% held-out bits per byte, but is 5-10x slower on CPUs without "
+        "native bf16); float32 to match /perplexity to the last digit",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")

@@ -49,8 +49,8 @@ def test_holdout_recall_per_language_and_false_alarms(layer: SafetyLayer) -> Non
             alarms[1] += 1
     assert hits["en"][0] / hits["en"][1] >= 0.97, hits
     assert hits["pt"][0] / hits["pt"][1] >= 0.95, hits
-    # measured 4/78 = 0.051 with the rules of 2026.11.30.2; the target is 0.05
-    assert alarms[0] / alarms[1] <= 0.06, alarms
+    # measured 1/78 with the rules of 2026.11.30.3 (the first, blind measurement: 5/78; README)
+    assert alarms[0] / alarms[1] <= 0.05, alarms
 
 
 def test_holdout_recall_per_style(layer: SafetyLayer) -> None:
