@@ -17,9 +17,14 @@ casts its input to bfloat16 and back and reorders it with an index that is the i
   ``torch.compile`` with the row count and the attended length as dynamic sizes, so continuous
   batching never recompiles. Eager ``step`` is the reference it is tested against.
 
-A prompt is run row by row straight into its slot (no padding to the longest prompt), with
-dense bfloat16 copies of the 4-bit weights where they fit in ``dense_prefill_bytes``: for a
-prompt's many rows a bfloat16 matmul beats the 4-bit kernel, for one row the 4-bit kernel wins.
+A prompt is run row by row straight into its slot (no padding to the longest prompt).
+
+**Every dtype and kernel is chosen on the machine it runs on**, never assumed: which weights serve
+a decode step and a prompt (GPTQ's 4-bit kernel, or a dense bfloat16 or float32 copy read back
+through that kernel, within ``dense_bytes``) and the LM head's dtype are timed at start on this CPU
+(``choose_paths``, ``choose_head_dtype``: milliseconds) and the fastest kept. bfloat16 reads half
+the bytes of float32 but is several times slower on CPUs without native bf16 (AVX2-only), where
+a dense float32 copy can beat the 4-bit kernel for a small model; settings force any path.
 Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
 ``desc_act``) run as themselves inside the step. Checkpoints it does not cover (other
 architectures, biases, sliding windows, unusual RoPE) keep the model's forward: ``supports`` says why.
@@ -79,36 +84,100 @@ class Projection:
             self.qweight = torch.cat([m.qweight for m in modules], 0).contiguous()
             self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
             self.group_size = int(modules[0].group_size)
+        self.dense: dict[torch.dtype, torch.Tensor] = {}
+        self.decode_path = self.prompt_path = "int4"
 
-    def densify(self) -> int:
-        """Keep a dense bfloat16 copy of the weights for prompts (many rows at once), where GPTQ's CPU
-        kernel is 2.4x slower than a bfloat16 matmul (benchmarks/RESULTS.md). The copy is what the
-        kernel computes with: it is read back through the kernel itself. Returns its bytes."""
+    def densify(self, dtype: torch.dtype) -> int:
+        """Keep a dense copy of the weights in ``dtype``. The copy is what the 4-bit kernel computes
+        with: it is read back through the kernel itself (the GPTQ checkpoint stays the source of
+        truth). Returns its bytes (0 for a layer that is not a 4-bit kernel layer)."""
         if not self.fused:
             return 0
-        eye = torch.eye(self.qweight.shape[1] * 2, dtype=torch.bfloat16, device=self.qweight.device)
-        self.dense = (
-            torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_and_zeros)
-            .t()
-            .contiguous()
-        )  # (out, in)
-        return self.dense.numel() * self.dense.element_size()
+        if dtype not in self.dense:
+            eye = torch.eye(self.qweight.shape[1] * 2, dtype=torch.bfloat16, device=self.qweight.device)
+            weight = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, self.qweight, self.group_size, self.scales_and_zeros
+            )
+            self.dense[dtype] = weight.t().contiguous().to(dtype)  # (out, in)
+        return self.dense[dtype].numel() * self.dense[dtype].element_size()
 
-    def wide(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs for many rows (a prompt): the dense copy when there is one."""
-        dense = getattr(self, "dense", None)
-        if dense is None:
-            return self(x)
-        out = torch.nn.functional.linear(x.to(torch.bfloat16), dense).float()
-        return list(out.split(self.splits, dim=-1))
+    def use(self, decode: str, prompt: str) -> None:
+        """Which weights serve few rows (a decode step) and many (a prompt): ``int4`` (GPTQ's kernel)
+        or a dense copy (``bfloat16``, ``float32``); unused copies are freed."""
+        if not self.fused:
+            return
+        self.decode_path, self.prompt_path = decode, prompt
+        keep = {_DTYPES[p] for p in (decode, prompt) if p != "int4"}
+        for dtype in keep:
+            self.densify(dtype)
+        self.dense = {d: w for d, w in self.dense.items() if d in keep}
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fused:
+    def run(self, x: torch.Tensor, path: str) -> list[torch.Tensor]:
+        """Outputs (float32) through one path; any layer that is not a 4-bit kernel layer runs as itself."""
+        if not self.fused:
+            return [m(x).float() for m in self.modules]
+        if path == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros
             ).float()
-            return list(out.split(self.splits, dim=-1))
-        return [m(x).float() for m in self.modules]
+        else:
+            dense = self.dense[_DTYPES[path]]
+            out = torch.nn.functional.linear(x.to(dense.dtype), dense).float()
+        return list(out.split(self.splits, dim=-1))
+
+    def wide(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs for many rows (a prompt)."""
+        return self.run(x, self.prompt_path)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.run(x, self.decode_path)
+
+    def bytes(self, path: str) -> int:
+        """What a dense copy for ``path`` costs (0 for the kernel's own weights)."""
+        if not self.fused or path == "int4":
+            return 0
+        return sum(self.splits) * self.modules[0].in_features * _DTYPES[path].itemsize
+
+
+# the weight paths a projection can run through, and the dtype of each dense copy
+PATHS = ("int4", "bfloat16", "float32")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# rows timed for a prompt when choosing its path (a question with its evidence block is a few hundred tokens)
+PROMPT_PROBE_ROWS = 256
+
+
+def choose_paths(
+    projections: Sequence[Projection], max_rows: int, budget: int, decode: str, prompt: str, reps: int = 5
+) -> tuple[str, str, dict[str, dict[str, float]]]:
+    """Time each weight path on this CPU on the largest projection, for a decode step (1 row and a
+    full batch) and for a prompt, and pick the fastest of those whose dense copies fit ``budget``.
+    A path given (not ``auto``) is kept as it is. Returns (decode, prompt, timings in ms)."""
+    fused = [p for p in projections if p.fused]
+    if not fused:
+        return "int4", "int4", {}
+    probe = max(fused, key=lambda p: sum(p.splits) * p.modules[0].in_features)
+    fits = {path: sum(p.bytes(path) for p in fused) <= budget for path in PATHS}
+    timings: dict[str, dict[str, float]] = {"decode": {}, "prompt": {}}
+    with torch.inference_mode():
+        for path in PATHS:
+            if not fits[path]:
+                continue
+            if path != "int4":
+                probe.densify(_DTYPES[path])
+            for kind, rows in (("decode", (1, max_rows)), ("prompt", (PROMPT_PROBE_ROWS,))):
+                total = 0.0
+                for n in rows:
+                    x = torch.randn(n, probe.modules[0].in_features)
+                    probe.run(x, path)
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        probe.run(x, path)
+                    total += (time.perf_counter() - t0) / reps
+                timings[kind][path] = round(1000 * total, 4)
+    probe.dense = {}
+    chosen_decode = decode if decode != "auto" else min(timings["decode"], key=timings["decode"].__getitem__)
+    chosen_prompt = prompt if prompt != "auto" else min(timings["prompt"], key=timings["prompt"].__getitem__)
+    return chosen_decode, chosen_prompt, timings
 
 
 def _int4_cpu_ready(module: torch.nn.Module) -> bool:
@@ -158,7 +227,9 @@ class StaticDecoder:
         max_rows: int,
         compile: bool = False,
         lm_head: str = "float32",
-        dense_prefill_bytes: int = 1 << 30,
+        dense_bytes: int = 1 << 30,
+        decode_weights: str = "int4",
+        prompt_weights: str = "bfloat16",
     ) -> None:
         config = model.config
         inner = model.model
@@ -196,12 +267,23 @@ class StaticDecoder:
                     Projection([mlp.down_proj]),
                 )
             )
-        self.dense_bytes = 0
-        if dense_prefill_bytes:
-            projections = [proj for layer in self.layers for proj in layer[1:3] + layer[4:6]]
-            need = sum(2 * sum(p.splits) * p.modules[0].in_features for p in projections if p.fused)
-            if need <= dense_prefill_bytes:
-                self.dense_bytes = sum(p.densify() for p in projections)
+        projections = [proj for layer in self.layers for proj in layer[1:3] + layer[4:6]]
+        for path in (decode_weights, prompt_weights):
+            if path not in (*PATHS, "auto"):
+                raise ValueError(f"unknown weight path {path!r} (one of auto, {', '.join(PATHS)})")
+            need = sum(p.bytes(path) for p in projections) if path != "auto" else 0
+            if need > dense_bytes:
+                raise ValueError(
+                    f"dense {path} weights need {need / 2**20:.0f} MiB, more than the {dense_bytes / 2**20:.0f} MiB "
+                    "allowed for dense copies: choose int4 or auto"
+                )
+        decode_weights, prompt_weights, self.weight_timing = choose_paths(
+            projections, max_rows, dense_bytes, decode_weights, prompt_weights
+        )
+        self.decode_weights, self.prompt_weights = decode_weights, prompt_weights
+        for proj in projections:
+            proj.use(decode_weights, prompt_weights)
+        self.dense_bytes = sum(w.numel() * w.element_size() for p in projections for w in p.dense.values())
         positions = torch.arange(self.context, device=device)[None]
         probe = torch.zeros(1, device=device, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)

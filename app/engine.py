@@ -311,7 +311,15 @@ class Engine(EngineBase):
             t == "full_attention" for t in types
         )
 
-    def use_static_decoder(self, max_rows: int, compile: bool = False, lm_head: str = "float32") -> float:
+    def use_static_decoder(
+        self,
+        max_rows: int,
+        compile: bool = False,
+        lm_head: str = "float32",
+        decode_weights: str = "int4",
+        prompt_weights: str = "bfloat16",
+        dense_bytes: int = 1 << 30,
+    ) -> float:
         """Decode with app.decode's static KV cache and fused step (compiled if asked), when this
         model allows it; returns the seconds spent setting up (and compiling)."""
         reason = supports(self.model)
@@ -325,7 +333,15 @@ class Engine(EngineBase):
         if reason is not None:
             self.decode_note = f"the model's own forward: {reason}"
             return 0.0
-        self.decoder = StaticDecoder(self.model, max_rows, compile=compile, lm_head=lm_head)
+        self.decoder = StaticDecoder(
+            self.model,
+            max_rows,
+            compile=compile,
+            lm_head=lm_head,
+            dense_bytes=dense_bytes,
+            decode_weights=decode_weights,
+            prompt_weights=prompt_weights,
+        )
         self.decode_note = "static KV cache, fused step" + (" (torch.compile)" if compile else " (eager)")
         try:
             return self.decoder.warm_up((1, 2))
@@ -527,8 +543,12 @@ class Engine(EngineBase):
             "cpu_flags": cpu_flags(),
             "slots": d.max_rows if d is not None else None,
             "kv_cache_mb": round(cache_bytes(self.model.config, d.max_rows) / 2**20, 1) if d is not None else None,
-            # prompts run through dense bfloat16 copies of the 4-bit weights when they fit (0: the 4-bit kernel)
-            "prompt_weights_mb": round(d.dense_bytes / 2**20, 1) if d is not None else None,
+            # which weights serve a decode step and a prompt (int4: GPTQ's kernel; bfloat16/float32: a dense
+            # copy read back through it), timed on this CPU at start unless forced; their bytes
+            "decode_weights": d.decode_weights if d is not None else None,
+            "prompt_weights": d.prompt_weights if d is not None else None,
+            "weight_timing_ms": d.weight_timing if d is not None else None,
+            "dense_weights_mb": round(d.dense_bytes / 2**20, 1) if d is not None else None,
         }
         return out
 

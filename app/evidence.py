@@ -146,6 +146,15 @@ class EvidencePack:
                 break
         return out
 
+    @property
+    def lexicon(self) -> frozenset[str]:
+        """The pack's condition names (lower case, up to 4 words): what grounding recognises as a named
+        condition in a sentence (computed once)."""
+        if not hasattr(self, "_lexicon"):
+            names = {f.lower().strip() for p in self.passages for f in p.focus}
+            self._lexicon = frozenset(n for n in names if n and len(n.split()) <= 4 and len(n) > 3)
+        return self._lexicon
+
     def info(self) -> dict[str, Any]:
         m = self.manifest
         return {

@@ -67,6 +67,24 @@ class Metrics:
         self.degenerate = Counter(
             "medask_degenerate_answers", "Answers withheld by the quality gate, by reason", ["reason"], registry=r
         )
+        self.grounding_seconds = Histogram(
+            "medask_grounding_seconds",
+            "Time sentence grounding and evidence composition add per answer",
+            buckets=SAFETY_BUCKETS,
+            registry=r,
+        )
+        self.answer_source = Counter(
+            "medask_answer_source",
+            "Delivered answers by what they are made of (model, evidence, mixed)",
+            ["source"],
+            registry=r,
+        )
+        self.grounding_sentences = Counter(
+            "medask_grounding_sentences",
+            "Model sentences checked against the citations, by outcome",
+            ["outcome"],
+            registry=r,
+        )
         self.evidence_seconds = Histogram(
             "medask_evidence_retrieval_seconds", "Evidence retrieval time per query", buckets=SAFETY_BUCKETS, registry=r
         )

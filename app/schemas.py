@@ -105,6 +105,11 @@ class AskRequest(_Request):
         None, description="retrieve cited evidence into the prompt; default: true when an evidence pack is loaded"
     )
     evidence_k: int | None = Field(None, ge=1, le=10, description="passages to retrieve; default: the trained k")
+    grounding: GroundingMode | None = Field(
+        None,
+        description="strict: every sentence shown is supported by a cited passage ([n]) or withheld; mark: "
+        "unsupported sentences shown marked; off: the model's text unchecked. Default: MEDASK_GROUNDING",
+    )
     history: list[HistoryTurn] = Field(
         default_factory=list,
         max_length=32,
@@ -172,6 +177,19 @@ class TriageOut(BaseModel):
     note: str | None = Field(None, description="said in the question's language, e.g. that answers are in English")
 
 
+GroundingMode = Literal["strict", "mark", "off"]
+
+
+class GroundingOut(BaseModel):
+    mode: GroundingMode = Field(..., description="strict: unsupported sentences withheld; mark: shown marked; off")
+    sentences: int = Field(..., description="sentences in the model's text")
+    supported: int = Field(..., description="of them, supported by a cited passage (shown with [n])")
+    withheld: int = Field(..., description="unsupported sentences not shown (strict)")
+    support_rate: float | None = Field(None, description="supported / sentences; null when the model wrote none")
+    evidence_sentences: int = Field(0, description="sentences composed from the passages themselves, each with [n]")
+    method: str = Field(..., description="what the check can and cannot see")
+
+
 class QualityOut(BaseModel):
     degenerate: bool = Field(..., description="true: the model's text was a loop, an echo or empty, and is withheld")
     reasons: list[str]
@@ -222,6 +240,12 @@ class AskResponse(BaseModel):
     citations: list[Citation] = Field(
         default_factory=list, description="the evidence in the model's prompt, numbered as the answer cites it"
     )
+    answer_source: Literal["model", "evidence", "mixed"] | None = Field(
+        None,
+        description="model: the model's checked sentences; evidence: composed from the cited passages (the model's "
+        "text was not supported); mixed: both; null when no model call was made",
+    )
+    grounding: GroundingOut | None = Field(None, description="sentence-level support of the answer by its citations")
     model: str
     disclaimer: str
     latency_ms: float
@@ -570,6 +594,8 @@ class ChatCompletionResponse(BaseModel):
     triage: TriageOut = Field(..., description="the red-flag triage of every user turn")
     quality: QualityOut | None = Field(None, description="the quality gate on the first choice")
     citations: list[Citation] = Field(default_factory=list, description="the evidence in the prompt")
+    answer_source: Literal["model", "evidence", "mixed"] | None = Field(None, description="as in /ask (first choice)")
+    grounding: GroundingOut | None = Field(None, description="as in /ask (first choice)")
 
 
 class CompletionLogprobs(BaseModel):

@@ -42,6 +42,7 @@ from app.evidence import (
     gather,
     load_pack,
 )
+from app.grounding import Checker, Grounding, SentenceGate, ground
 from app.metrics import Metrics
 from app.policy import DeadlineExceeded, QueueFull
 from app.prompting import Turn, fit_history
@@ -143,9 +144,17 @@ class Serving:
             self.state = "compiling" if s.compile else "preparing_decode"
             if s.compile and s.compile_cache_dir is not None:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(s.compile_cache_dir)
-            seconds = engine.use_static_decoder(
-                s.max_batch_size if s.batching else 1, compile=s.compile, lm_head=s.lm_head_dtype
-            )
+            try:
+                seconds = engine.use_static_decoder(
+                    s.max_batch_size if s.batching else 1,
+                    compile=s.compile,
+                    lm_head=s.lm_head_dtype,
+                    decode_weights=s.decode_weights,
+                    prompt_weights=s.prompt_weights,
+                    dense_bytes=s.dense_weights_mb << 20,
+                )
+            except ValueError as exc:  # a forced weight path that cannot run here: a clear start-up error
+                raise CheckpointError(f"MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS: {exc}") from exc
             log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
         if s.warmup:
             self.state = "warming_up"
@@ -366,12 +375,59 @@ class Serving:
         return quality
 
     def answer(
-        self, result: GenerationResult, question: str, triage: Triage, passages: list[Passage]
-    ) -> tuple[str, Quality]:
-        """What every generating route delivers: the fixed advice first, then the model's text or,
-        when the gate withholds it, a plain statement with the evidence to read instead."""
+        self,
+        result: GenerationResult,
+        question: str,
+        triage: Triage,
+        passages: list[Passage],
+        mode: str | None = None,
+    ) -> tuple[str, Quality, Grounding]:
+        """What every generating route delivers: the fixed advice first, then the model's sentences that
+        a cited passage supports (with their [n]), composed from the passages when too few are; when the
+        quality gate withholds the model's text, a plain statement of that, then what the sources say."""
         quality = self.quality(result.text, question, result.perplexity)
-        return compose(triage.prefix, self.shown_answer(result.text, quality, passages)), quality
+        grounding = self.ground("" if quality.degenerate else result.text, question, passages, mode)
+        if quality.degenerate:
+            body = (
+                f"{withheld(quality)}\n{grounding.text}" if grounding.text else self.shown_answer("", quality, passages)
+            )
+        else:
+            body = grounding.text
+        return compose(triage.prefix, body), quality, grounding
+
+    def grounding_mode(self, mode: str | None) -> str:
+        return mode or self.settings.grounding
+
+    def ground(self, text: str, question: str, passages: list[Passage], mode: str | None = None) -> Grounding:
+        t0 = time.perf_counter()
+        lexicon = self.evidence.lexicon if self.evidence is not None else frozenset()
+        g = ground(text, passages, question, self.grounding_mode(mode), lexicon)  # type: ignore[arg-type]
+        self._observe_grounding(g, time.perf_counter() - t0)
+        return g
+
+    def gate(self, question: str, passages: list[Passage], mode: str | None = None) -> SentenceGate:
+        """A stream's sentence gate: sentences are released only once complete and checked."""
+        lexicon = self.evidence.lexicon if self.evidence is not None else frozenset()
+        checker = Checker(passages, question, lexicon) if passages else None
+        return SentenceGate(checker, self.grounding_mode(mode))  # type: ignore[arg-type]
+
+    def finish_stream(
+        self, gate: SentenceGate, result: GenerationResult, question: str, triage: Triage
+    ) -> tuple[str, str, Quality, Grounding]:
+        """The end of a grounded stream: the text still to send, the delivered answer (exactly what was
+        streamed after the advice), the quality gate and the grounding."""
+        quality = self.quality(result.text, question, result.perplexity)
+        t0 = time.perf_counter()
+        tail, grounding = gate.close(question)
+        self._observe_grounding(grounding, time.perf_counter() - t0)
+        return tail, compose(triage.prefix, grounding.text), quality, grounding
+
+    def _observe_grounding(self, g: Grounding, seconds: float) -> None:
+        self.metrics.grounding_seconds.observe(seconds)
+        self.metrics.answer_source.labels(g.answer_source).inc()
+        report = g.public()
+        self.metrics.grounding_sentences.labels("supported").inc(report["supported"])
+        self.metrics.grounding_sentences.labels("withheld").inc(report["withheld"])
 
     def refusal(self, triage: Triage) -> str:
         """The answer to an out-of-scope question: the rule file's refusal, no model call."""

@@ -64,6 +64,22 @@ class Settings(BaseSettings):
         "kept (bfloat16 reads half the bytes, -0.001% held-out bits per byte, but is 5-10x slower on CPUs without "
         "native bf16); float32 to match /perplexity to the last digit",
     )
+    grounding: Literal["strict", "mark", "off"] = Field(
+        "strict",
+        description="answers: every sentence shown supported by a cited passage (strict: others withheld; mark: "
+        "marked; off: unchecked); a request's `grounding` overrides it",
+    )
+    decode_weights: Literal["auto", "int4", "bfloat16", "float32"] = Field(
+        "auto",
+        description="the static step's weights for decode steps: int4 (GPTQ's kernel) or a dense copy read back "
+        "through it; auto: each is timed at start on this CPU and the fastest kept",
+    )
+    prompt_weights: Literal["auto", "int4", "bfloat16", "float32"] = Field(
+        "auto", description="the same choice for prompts (many rows at once)"
+    )
+    dense_weights_mb: int = Field(
+        1024, ge=0, le=1 << 20, description="most memory for dense copies of the 4-bit weights (per copy kind)"
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
 

@@ -48,6 +48,37 @@ def test_static_step_gives_the_models_answers(reference: Engine, static: Engine)
         assert g.logprobs == pytest.approx(w.logprobs, abs=5e-3)
 
 
+@pytest.mark.parametrize(
+    ("decode", "prompt"), [("int4", "int4"), ("float32", "float32"), ("bfloat16", "int4"), ("auto", "auto")]
+)
+def test_every_weight_path_gives_the_models_answers(
+    ci_checkpoint: Path, reference: Engine, decode: str, prompt: str
+) -> None:
+    """The 4-bit kernel and dense copies read back through it compute the same model: the reference's
+    greedy tokens, log-probs within bfloat16's rounding; auto picks one and says which, with timings."""
+    engine = Engine.load(ci_checkpoint)
+    engine.use_static_decoder(max_rows=4, decode_weights=decode, prompt_weights=prompt, lm_head="auto")
+    d = engine.decoder
+    assert d is not None
+    if decode != "auto":
+        assert (d.decode_weights, d.prompt_weights) == (decode, prompt)
+    else:
+        assert {"int4", "bfloat16", "float32"} == set(d.weight_timing["decode"]) == set(d.weight_timing["prompt"])
+        assert d.decode_weights == min(d.weight_timing["decode"], key=d.weight_timing["decode"].__getitem__)
+    info = engine.info()["decode"]
+    assert info["decode_weights"] == d.decode_weights and info["cpu_flags"] is not None
+    got = engine.generate(jobs(engine))
+    for g, w in zip(got, reference.generate(jobs(reference)), strict=True):
+        assert g.token_ids == w.token_ids
+        assert g.logprobs == pytest.approx(w.logprobs, abs=5e-3)
+
+
+def test_a_forced_weight_path_that_does_not_fit_is_a_clear_error(ci_checkpoint: Path) -> None:
+    engine = Engine.load(ci_checkpoint)
+    with pytest.raises(ValueError, match="dense float32 weights need"):
+        engine.use_static_decoder(max_rows=2, decode_weights="float32", dense_bytes=1024)
+
+
 def test_rows_joining_and_leaving_the_slots_keep_their_answers(static: Engine) -> None:
     """Rows end at different steps (the last slot moves into the hole) while queued rows join."""
     first, queued = jobs(static, (3, 11)), jobs(static, (7, 4, 16, 2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -43,8 +44,13 @@ def test_ask_puts_rule_advice_first_and_cites_evidence(server: Server) -> None:
         {"id", "title", "source", "url", "score", "snippet"} <= set(c) for c in body["citations"]
     )
     assert body["quality"]["perplexity_percentile"] is not None
-    if body["quality"]["degenerate"]:  # the tiny model: said plainly, with the evidence to read instead
-        assert "No reliable answer was produced" in body["answer"] and "Evidence you can check" in body["answer"]
+    if body["quality"]["degenerate"]:  # the tiny model: said plainly, then what the sources say
+        assert "No reliable answer was produced" in body["answer"] and "What the sources say:" in body["answer"]
+    # every sentence shown after the advice carries a marker that points to a citation given
+    shown = body["answer"][len(triage["advice"]) :]
+    markers = {int(n) for n in re.findall(r"\[(\d+)\]", shown)}
+    assert markers and markers <= set(range(1, len(body["citations"]) + 1))
+    assert body["answer_source"] in ("model", "evidence", "mixed") and body["grounding"]["mode"] == "strict"
 
 
 def test_streamed_ask_sends_triage_then_advice_before_any_model_text(server: Server) -> None:
@@ -191,3 +197,30 @@ def test_a_broken_rule_file_or_pack_stops_the_service(
         assert expect in srv.log_text()
     finally:
         stop_server(srv)
+
+
+def test_grounding_modes_and_a_stream_sends_only_checked_sentences(server: Server) -> None:
+    q = {"question": f"{MARKER} Barking cough and stridor in a 3-year-old: what is it and how is it treated?"}
+    q["max_new_tokens"] = 48
+    strict = post(server, "/ask", q).json()
+    off = post(server, "/ask", {**q, "grounding": "off"}).json()
+    mark = post(server, "/ask", {**q, "grounding": "mark"}).json()
+    assert off["grounding"]["method"] == "off: not checked" and off["answer_source"] == "model"
+    assert strict["grounding"]["sentences"] == off["grounding"]["sentences"] or off["quality"]["degenerate"]
+    # strict shows no unsupported sentence; mark shows them marked
+    assert "[not supported by the cited sources]" not in strict["answer"]
+    if mark["grounding"]["supported"] < mark["grounding"]["sentences"]:
+        assert "[not supported by the cited sources]" in mark["answer"]
+    # the stream sends exactly the strict answer (greedy: the same text), sentence by sentence
+    events = sse_events(server, "/ask", {**q, "stream": True})
+    streamed = "".join(json.loads(d)["text"] for e, d in events if e == "token")
+    summary = json.loads(events[-1][1])
+    assert streamed.strip() == summary["answer"].strip()
+    if not strict["quality"]["degenerate"]:  # the same sentences, checked the same way, as the plain answer
+        assert summary["answer"] == strict["answer"] and summary["grounding"] == strict["grounding"]
+    chat = post(
+        server, "/v1/chat/completions", {"max_tokens": 24, "messages": [{"role": "user", "content": q["question"]}]}
+    )
+    body = chat.json()
+    assert body["grounding"]["mode"] == "strict" and body["answer_source"] in ("model", "evidence", "mixed")
+    assert "[not supported by the cited sources]" not in body["choices"][0]["message"]["content"]

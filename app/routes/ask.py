@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request
 
 from app.engine import GenerationResult, SamplingParams
 from app.evidence import Passage
+from app.grounding import Grounding
+from app.quality import Quality
 from app.routes import ERRORS, STREAMED, ServingDep
 from app.safety import Triage
 from app.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
@@ -25,13 +27,17 @@ def _summary(
     result: GenerationResult | None,
     t0: float,
     passages: list[Passage] | None = None,
+    delivered: tuple[str, Quality, Grounding] | None = None,
 ) -> dict[str, Any]:
+    """The response; ``delivered`` is a stream's (answer, quality, grounding): exactly what it sent."""
     note = None
+    grounding, source = None, None
     if result is None:  # refused by the rule layer: no model call, nothing to score
         answer, perplexity, quality, finish = svc.refusal(triage), None, None, "refused"
         prompt_tokens = completion_tokens = 0
     else:
-        answer, q = svc.answer(result, req.question, triage, passages or [])
+        answer, q, g = delivered or svc.answer(result, req.question, triage, passages or [], req.grounding)
+        grounding, source = g.public(), g.answer_source
         perplexity = round(result.perplexity, 4) if result.perplexity is not None else None
         quality, note = q.public(), svc.perplexity_note(result)
         finish = result.finish
@@ -51,6 +57,8 @@ def _summary(
         triage=triage.public(),
         quality=quality,
         citations=[p.citation() for p in passages or []],
+        answer_source=source,
+        grounding=grounding,
         model=svc.model_name,
         disclaimer=DISCLAIMER,
         latency_ms=round((time.perf_counter() - t0) * 1000, 1),
@@ -96,14 +104,21 @@ async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     )
     params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.seed)
     if req.stream:
+        # sentences are sent once complete and checked against the citations: a withheld one never leaves
+        gate = svc.gate(req.question, passages, req.grounding)
+
+        def on_done(result: GenerationResult) -> list[str]:
+            tail, answer, quality, grounding = svc.finish_stream(gate, result, req.question, triage)
+            summary = _summary(svc, req, rid, triage, result, t0, passages, (answer, quality, grounding))
+            events = [sse({"text": tail}, "token")] if tail else []
+            return [*events, sse(_delivered(svc, request, summary), "summary")]
+
         return svc.stream(
             request,
             prompt,
             params,
-            on_piece=lambda piece: sse({"text": piece}, "token"),
-            on_done=lambda result: [
-                sse(_delivered(svc, request, _summary(svc, req, rid, triage, result, t0, passages)), "summary")
-            ],
+            on_piece=lambda piece: sse({"text": text}, "token") if (text := gate.feed(piece)) else "",
+            on_done=on_done,
             audit={"question": req.question, "role": req.role},
             preamble=advice_events(triage),
         )

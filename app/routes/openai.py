@@ -195,27 +195,40 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
             first["sent"] = True
             return _delta(0, out)
 
+        gate = svc.gate(question, passages)  # sentences leave once complete and checked
+
         def on_piece(piece: str) -> str:
-            return sse(_chunk(cid, created, model, obj, [delta(piece)]))
+            text = gate.feed(piece)
+            return sse(_chunk(cid, created, model, obj, [delta(text)])) if text else ""
 
         def on_done(result: GenerationResult) -> list[str]:
-            content, quality = svc.answer(result, question, triage, passages)
+            tail, content, quality, grounding = svc.finish_stream(gate, result, question, triage)
+            events = [sse(_chunk(cid, created, model, obj, [delta(tail)]))] if tail else []
             last = _chunk(cid, created, model, obj, [_delta(0, {}, result.finish)])
-            last.update({"triage": triage.public(), "quality": quality.public(), "citations": citations})
+            last.update(
+                {
+                    "triage": triage.public(),
+                    "quality": quality.public(),
+                    "citations": citations,
+                    "answer_source": grounding.answer_source,
+                    "grounding": grounding.public(),
+                }
+            )
             svc.note(request, 0, 0, answer=content)
             usage = openai_usage(result.prompt_tokens, result.completion_tokens)
-            return _closing(cid, created, model, obj, last, usage, req.include_usage)
+            return [*events, *_closing(cid, created, model, obj, last, usage, req.include_usage)]
 
         preamble = [sse(_chunk(cid, created, model, obj, [delta(triage.prefix + "\n\n")]))] if triage.prefix else []
         return svc.stream(
             request, prompt, params, on_piece, on_done, audit={"question": question, "role": role}, preamble=preamble
         )
     results = await asyncio.gather(*(svc.generate(request, prompt, p) for p in _seeded(params, req.n)))
-    choices, qualities = [], []
+    choices, qualities, groundings = [], [], []
     for i, result in enumerate(results):
-        content, quality = svc.answer(result, question, triage, passages)
+        content, quality, grounding = svc.answer(result, question, triage, passages)
         choices.append(_message(i, content, result.finish, quality.public()))
         qualities.append(quality.public())
+        groundings.append(grounding)
     completion = sum(r.completion_tokens for r in results)
     svc.note(
         request,
@@ -235,6 +248,8 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
         triage=triage.public(),
         quality=qualities[0],
         citations=citations,
+        answer_source=groundings[0].answer_source,
+        grounding=groundings[0].public(),
     )
 
 

@@ -1,0 +1,105 @@
+"""Do the shipped defaults hold on this CPU? The static step under every weight path and LM head dtype,
+side by side with what ``auto`` picks here, and the model's own forward.
+
+A default measured on one CPU collapsed on another (bfloat16 on an AVX2-only CPU without native bf16:
+5-10x slower), so the defaults are chosen at start by timing (``MEDASK_LM_HEAD_DTYPE``,
+``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS`` = ``auto``). This prints, for this machine (its CPU
+flags included), generated tokens/s at 1 and 16 rows (prefill included, greedy, held-out prompts) and
+the time to prefill an /ask-sized prompt, for each configuration, and how far the defaults are from the
+best configuration measured. Eager steps throughout (compilation changes every row alike).
+
+    python benchmarks/cpu_defaults.py [--model model_artifacts/default] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from app.decode import cpu_flags
+from app.engine import Engine
+from benchmarks.common import decode_rates, heldout_prompts, report
+
+PATHS = ("int4", "bfloat16", "float32")
+
+
+def prefill_ms(engine: Engine, ids: list[int], repeats: int = 3) -> float:
+    d = engine.decoder
+    assert d is not None
+    d.prefill(0, ids)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        d.prefill(0, ids)
+    return 1000 * (time.perf_counter() - t0) / repeats
+
+
+def measure(engine: Engine, prompts: list[list[int]], long_prompt: list[int], tokens: int) -> dict[str, float]:
+    one = max(decode_rates(engine, prompts, tokens, batch=1, repeats=2))
+    many = max(decode_rates(engine, prompts, tokens, batch=16, repeats=1))
+    out = {"tok_s_1": round(one, 1), "tok_s_16": round(many, 1)}
+    if engine.decoder is not None:
+        out["prefill_ms"] = round(prefill_ms(engine, long_prompt), 1)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="model_artifacts/default")
+    p.add_argument("--tokens", type=int, default=32)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    engine = Engine.load(Path(args.model))
+    prompts = heldout_prompts(engine, 16)
+    long_prompt = ([t for ids in prompts for t in ids] * 4)[:320]  # about a question with its evidence block
+    rows: list[dict[str, object]] = []
+
+    def row(name: str, **kw: str) -> dict[str, object]:
+        engine.decoder = None
+        if kw:
+            engine.use_static_decoder(16, compile=False, **kw)
+            d = engine.decoder
+            assert d is not None
+            chosen = (
+                f"head {str(d.head_dtype).replace('torch.', '')}, decode {d.decode_weights}, prompt {d.prompt_weights}"
+            )
+        else:
+            chosen = "the model's forward"
+        r = {"configuration": name, "chosen": chosen, **measure(engine, prompts, long_prompt, args.tokens)}
+        rows.append(r)
+        print(r, flush=True)
+        return r
+
+    shipped = row("shipped defaults (auto)", lm_head="auto", decode_weights="auto", prompt_weights="auto")
+    row("previous defaults", lm_head="bfloat16", decode_weights="int4", prompt_weights="bfloat16")
+    for head, decode, prompt in itertools.product(("float32", "bfloat16"), PATHS, PATHS):
+        row(
+            f"head {head}, decode {decode}, prompt {prompt}", lm_head=head, decode_weights=decode, prompt_weights=prompt
+        )
+    row("model forward (MEDASK_DECODE=model)")
+    best = {k: max(float(r[k]) for r in rows) for k in ("tok_s_1", "tok_s_16")}
+    best_prefill = min(float(r["prefill_ms"]) for r in rows if "prefill_ms" in r)
+    for r in rows:
+        r["x_best_1"] = round(float(r["tok_s_1"]) / best["tok_s_1"], 3)
+        r["x_best_16"] = round(float(r["tok_s_16"]) / best["tok_s_16"], 3)
+        if "prefill_ms" in r:
+            r["x_best_prefill"] = round(best_prefill / float(r["prefill_ms"]), 3)
+    summary = {
+        "cpu_flags": cpu_flags(),
+        "shipped_vs_best": {k: shipped[k] for k in ("x_best_1", "x_best_16", "x_best_prefill")},
+        "auto_timings": engine.info()["decode"] if engine.decoder is not None else None,
+    }
+    report("Shipped defaults against every configuration on this CPU", rows, summary)
+    print(
+        f"\nCPU flags: {', '.join(summary['cpu_flags'])}; shipped defaults vs the best here: {summary['shipped_vs_best']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
