@@ -33,8 +33,8 @@ METHOD = "lexical: content-word overlap with one passage + named conditions, dru
 SUPPORT = 0.6  # share of a sentence's content words found in one passage
 MIN_SHARED = 3  # and at least this many words in common
 ENOUGH = 0.5  # below this support rate (or fewer than 2 supported sentences) the evidence composes the answer
-BUDGET_SENTENCES = 4
-BUDGET_CHARS = 700
+BUDGET_SENTENCES = 5
+BUDGET_CHARS = 900
 MARK = " [not supported by the cited sources]"
 
 _STOP = frozenset(
@@ -188,6 +188,61 @@ _STOP = frozenset(
         "three",
     ]
 )
+# words too general to support a sentence on their own ("the symptoms suggest a chronic disease"): they do
+# not count towards support, so a sentence must share specific words with a passage
+_GENERIC = frozenset(
+    [
+        "suggest",
+        "symptom",
+        "sign",
+        "disease",
+        "condition",
+        "common",
+        "cause",
+        "chronic",
+        "acute",
+        "include",
+        "often",
+        "usually",
+        "type",
+        "may",
+        "also",
+        "help",
+        "need",
+        "well",
+        "case",
+        "history",
+        "present",
+        "report",
+        "assessment",
+        "possible",
+        "potential",
+        "consider",
+        "further",
+        "evaluation",
+        "manage",
+        "treatment",
+        "care",
+        "medical",
+        "health",
+        "doctor",
+        "could",
+        "might",
+        "important",
+        "various",
+        "several",
+        "different",
+        "related",
+        "associated",
+        "lead",
+        "result",
+        "effect",
+        "affect",
+        "person",
+        "people",
+        "body",
+    ]
+)
 _WORD = re.compile(r"[a-z][a-z0-9\-]+|\d+(?:\.\d+)?")
 # drug and disease name endings (INN stems; pathology suffixes)
 _NAMED_SUFFIX = re.compile(
@@ -334,7 +389,7 @@ class Checker:
         self.question_terms = content_terms(question)
 
     def check(self, sentence: str) -> CheckedSentence:
-        words = content_terms(sentence)
+        words = content_terms(sentence) - _GENERIC
         cites: list[tuple[float, int]] = []
         best = 0.0
         for n, terms in enumerate(self.terms, 1):
@@ -378,8 +433,10 @@ class Checker:
         used = 0
 
         def relevance(c: tuple[str, int, set[str]]) -> float:
-            # words shared with the question, and the passage's retrieval rank (it was judged relevant)
-            return len(c[2] & query) / (len(c[2]) ** 0.5) + 0.5 / c[1] + (0.3 if c[0] in leads else 0.0)
+            # words shared with the question, the passage's retrieval rank (it was judged relevant), a lead
+            # sentence, and the conditions, drugs and tests it names (what a clinician reads an answer for)
+            named = min(len(named_things(c[0], self.lexicon)), 3)
+            return len(c[2] & query) / (len(c[2]) ** 0.5) + 0.5 / c[1] + (0.3 if c[0] in leads else 0.0) + 0.2 * named
 
         top = max(relevance(c) for c in candidates) or 1.0
 
@@ -415,7 +472,7 @@ def ground(
         g.method = "no evidence in the prompt: nothing to check against (sentences shown unchecked)"
         return g
     checker = Checker(passages, question, lexicon)
-    checked = [checker.check(s) for s in split_sentences(answer)]
+    checked = [checker.check(s) for s in _distinct(split_sentences(answer))]
     shown = [t for c in checked if (t := checker.render(c, mode)) is not None]
     supported = [c for c in checked if c.supported]
     rate = len(supported) / len(checked) if checked else 0.0
@@ -440,6 +497,7 @@ class SentenceGate:
         self.buffer = ""
         self.checked: list[CheckedSentence] = []
         self.sent: list[str] = []
+        self.seen: set[str] = set()
 
     def feed(self, piece: str) -> str:
         if self.checker is None or self.mode == "off":
@@ -458,6 +516,10 @@ class SentenceGate:
         assert self.checker is not None
         out = []
         for s in sentences:
+            key = _key(s)
+            if key in self.seen:  # a loop repeats itself: a sentence is shown once
+                continue
+            self.seen.add(key)
             c = self.checker.check(s)
             self.checked.append(c)
             shown = self.checker.render(c, self.mode)
@@ -495,14 +557,48 @@ class SentenceGate:
         return tail, g
 
 
+_LABEL = re.compile(r"^(?:Assessment|Answer|Diagnosis|Management|Treatment|Plan)\s*:\s*", re.IGNORECASE)
+# another patient's story or a question is not a fact about this one: a case vignette ("Case: A 35-year-old
+# woman presents with...") and questions are never composed into an answer
+_NARRATIVE = re.compile(
+    r"^(?:Case\s*:|(?:An?|The)\s+\d+[- ](?:year|month|week|day)[- ]old\b"
+    r"|(?:He|She|They|His|Her|The (?:mother|father|parents|infant|child|boy|girl|man|woman))\b"
+    r"|On (?:physical )?examination|(?:Physical )?[Ee]xamination (?:reveals|shows))"
+    r"|\b(?:presents|presented|complains|reports) (?:with|of)\b",
+)
+
+
+def _key(sentence: str) -> str:
+    return " ".join(_WORD.findall(sentence.lower()))
+
+
+def _distinct(sentences: list[str]) -> list[str]:
+    """Each sentence once (a loop repeats itself), in order."""
+    seen: set[str] = set()
+    out = []
+    for s in sentences:
+        if _key(s) not in seen:
+            seen.add(_key(s))
+            out.append(s)
+    return out
+
+
 def _whole_sentences(text: str) -> list[str]:
-    """A passage's complete sentences: a chunk may start or end mid-sentence; those fragments are dropped."""
+    """A passage's complete statements: a chunk may start or end mid-sentence (those fragments are dropped),
+    labels such as "Assessment:" are removed, and case vignettes and questions are left out."""
     parts = split_sentences(text.replace(" - ", ". "))
     if parts and not parts[0][:1].isupper():
         parts = parts[1:]
     if parts and not parts[-1].rstrip().endswith((".", "!", "?")):
         parts = parts[:-1]
-    return [p for p in parts if 30 <= len(p) <= 400]
+    out = []
+    for part in parts:
+        if part.rstrip().endswith("?") or _NARRATIVE.search(part):
+            continue
+        part = _LABEL.sub("", part)
+        if 30 <= len(part) <= 400:
+            out.append(part[0].upper() + part[1:])
+    return out
 
 
 _ORDER = [

@@ -386,13 +386,15 @@ class Serving:
         a cited passage supports (with their [n]), composed from the passages when too few are; when the
         quality gate withholds the model's text, a plain statement of that, then what the sources say."""
         quality = self.quality(result.text, question, result.perplexity)
-        grounding = self.ground("" if quality.degenerate else result.text, question, passages, mode)
-        if quality.degenerate:
-            body = (
-                f"{withheld(quality)}\n{grounding.text}" if grounding.text else self.shown_answer("", quality, passages)
-            )
-        else:
-            body = grounding.text
+        if quality.degenerate and (self.grounding_mode(mode) == "off" or not passages):
+            # nothing to check the text against: the gate's verdict stands, with the evidence to read
+            g = Grounding(self.shown_answer(result.text, quality, passages), "model", self.grounding_mode(mode))
+            g.method = "withheld by the quality gate (no evidence to check against, or grounding off)"
+            return compose(triage.prefix, g.text), quality, g
+        # a stream shows what its sentence gate released, so the plain answer is the same text: the
+        # model's sentences a passage supports (a loop's repeats once), else what the sources say
+        grounding = self.ground(result.text, question, passages, mode)
+        body = grounding.text or self.shown_answer("", quality, passages)
         return compose(triage.prefix, body), quality, grounding
 
     def grounding_mode(self, mode: str | None) -> str:
@@ -420,6 +422,10 @@ class Serving:
         t0 = time.perf_counter()
         tail, grounding = gate.close(question)
         self._observe_grounding(grounding, time.perf_counter() - t0)
+        if gate.checker is None and quality.degenerate:  # unchecked text: the plain answer's verdict
+            return tail, compose(triage.prefix, self.shown_answer(result.text, quality, [])), quality, grounding
+        if not grounding.text and quality.degenerate:  # nothing released: say so, as the plain answer does
+            tail = grounding.text = self.shown_answer("", quality, [])
         return tail, compose(triage.prefix, grounding.text), quality, grounding
 
     def _observe_grounding(self, g: Grounding, seconds: float) -> None:

@@ -106,3 +106,13 @@ def test_a_stream_releases_only_checked_complete_sentences() -> None:
     text = "".join(out) + tail
     assert text.strip() == g.text and "erectile" not in text and text.count("[1]") >= 2
     assert g.public()["withheld"] == 1
+
+
+def test_a_loop_is_shown_once_plain_and_streamed() -> None:
+    loop = "Treatment is an injection of epinephrine and a trip to an emergency room. " * 3
+    g = ground(loop, [ANAPHYLAXIS], Q)
+    assert g.text.count("injection of epinephrine") == 1
+    gate = SentenceGate(Checker([ANAPHYLAXIS], Q), "strict")
+    streamed = "".join(gate.feed(loop[i : i + 9]) for i in range(0, len(loop), 9))
+    tail, sg = gate.close(Q)
+    assert (streamed + tail).strip() == sg.text == g.text
