@@ -85,7 +85,7 @@ class Projection:
             self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
             self.group_size = int(modules[0].group_size)
         self.dense: dict[torch.dtype, torch.Tensor] = {}
-        self.decode_path = self.prompt_path = "int4"
+        self.small_path = self.large_path = self.prompt_path = "int4"
 
     def densify(self, dtype: torch.dtype) -> int:
         """Keep a dense copy of the weights in ``dtype``. The copy is what the 4-bit kernel computes
@@ -101,13 +101,13 @@ class Projection:
             self.dense[dtype] = weight.t().contiguous().to(dtype)  # (out, in)
         return self.dense[dtype].numel() * self.dense[dtype].element_size()
 
-    def use(self, decode: str, prompt: str) -> None:
-        """Which weights serve few rows (a decode step) and many (a prompt): ``int4`` (GPTQ's kernel)
-        or a dense copy (``bfloat16``, ``float32``); unused copies are freed."""
+    def use(self, small: str, large: str, prompt: str) -> None:
+        """Which weights serve a decode step of few rows (up to SMALL_ROWS), of more rows, and a prompt:
+        ``int4`` (GPTQ's kernel) or a dense copy (``bfloat16``, ``float32``); unused copies are freed."""
         if not self.fused:
             return
-        self.decode_path, self.prompt_path = decode, prompt
-        keep = {_DTYPES[p] for p in (decode, prompt) if p != "int4"}
+        self.small_path, self.large_path, self.prompt_path = small, large, prompt
+        keep = {_DTYPES[p] for p in (small, large, prompt) if p != "int4"}
         for dtype in keep:
             self.densify(dtype)
         self.dense = {d: w for d, w in self.dense.items() if d in keep}
@@ -130,7 +130,8 @@ class Projection:
         return self.run(x, self.prompt_path)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.run(x, self.decode_path)
+        # one row is bound by reading the weights (4-bit wins), many rows by arithmetic (a dense copy can)
+        return self.run(x, self.small_path if x.shape[0] <= SMALL_ROWS else self.large_path)
 
     def bytes(self, path: str) -> int:
         """What a dense copy for ``path`` costs (0 for the kernel's own weights)."""
@@ -144,40 +145,40 @@ PATHS = ("int4", "bfloat16", "float32")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # rows timed for a prompt when choosing its path (a question with its evidence block is a few hundred tokens)
 PROMPT_PROBE_ROWS = 256
+# decode steps of up to this many rows have their own weight path (timed at 1 row; larger steps at max_rows)
+SMALL_ROWS = 4
 
 
 def choose_paths(
     projections: Sequence[Projection], max_rows: int, budget: int, decode: str, prompt: str, reps: int = 5
-) -> tuple[str, str, dict[str, dict[str, float]]]:
-    """Time each weight path on this CPU on the largest projection, for a decode step (1 row and a
-    full batch) and for a prompt, and pick the fastest of those whose dense copies fit ``budget``.
-    A path given (not ``auto``) is kept as it is. Returns (decode, prompt, timings in ms)."""
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Time each weight path on this CPU on the largest projection, for a decode step of one row, of
+    a full batch, and for a prompt, and pick for each the fastest of the paths whose dense copies fit
+    ``budget``. A path given (not ``auto``) is kept. Returns ({small, large, prompt}, timings in ms)."""
     fused = [p for p in projections if p.fused]
     if not fused:
-        return "int4", "int4", {}
+        return {"small": "int4", "large": "int4", "prompt": "int4"}, {}
     probe = max(fused, key=lambda p: sum(p.splits) * p.modules[0].in_features)
     fits = {path: sum(p.bytes(path) for p in fused) <= budget for path in PATHS}
-    timings: dict[str, dict[str, float]] = {"decode": {}, "prompt": {}}
+    kinds = {"small": 1, "large": max(max_rows, SMALL_ROWS + 1), "prompt": PROMPT_PROBE_ROWS}
+    timings: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
     with torch.inference_mode():
         for path in PATHS:
             if not fits[path]:
                 continue
             if path != "int4":
                 probe.densify(_DTYPES[path])
-            for kind, rows in (("decode", (1, max_rows)), ("prompt", (PROMPT_PROBE_ROWS,))):
-                total = 0.0
-                for n in rows:
-                    x = torch.randn(n, probe.modules[0].in_features)
+            for kind, n in kinds.items():
+                x = torch.randn(n, probe.modules[0].in_features)
+                probe.run(x, path)
+                t0 = time.perf_counter()
+                for _ in range(reps):
                     probe.run(x, path)
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        probe.run(x, path)
-                    total += (time.perf_counter() - t0) / reps
-                timings[kind][path] = round(1000 * total, 4)
+                timings[kind][path] = round(1000 * (time.perf_counter() - t0) / reps, 4)
     probe.dense = {}
-    chosen_decode = decode if decode != "auto" else min(timings["decode"], key=timings["decode"].__getitem__)
-    chosen_prompt = prompt if prompt != "auto" else min(timings["prompt"], key=timings["prompt"].__getitem__)
-    return chosen_decode, chosen_prompt, timings
+    given = {"small": decode, "large": decode, "prompt": prompt}
+    chosen = {k: v if v != "auto" else min(timings[k], key=timings[k].__getitem__) for k, v in given.items()}
+    return chosen, timings
 
 
 def _int4_cpu_ready(module: torch.nn.Module) -> bool:
@@ -277,12 +278,10 @@ class StaticDecoder:
                     f"dense {path} weights need {need / 2**20:.0f} MiB, more than the {dense_bytes / 2**20:.0f} MiB "
                     "allowed for dense copies: choose int4 or auto"
                 )
-        decode_weights, prompt_weights, self.weight_timing = choose_paths(
-            projections, max_rows, dense_bytes, decode_weights, prompt_weights
-        )
-        self.decode_weights, self.prompt_weights = decode_weights, prompt_weights
+        chosen, self.weight_timing = choose_paths(projections, max_rows, dense_bytes, decode_weights, prompt_weights)
+        self.decode_small, self.decode_large, self.prompt_weights = chosen["small"], chosen["large"], chosen["prompt"]
         for proj in projections:
-            proj.use(decode_weights, prompt_weights)
+            proj.use(self.decode_small, self.decode_large, self.prompt_weights)
         self.dense_bytes = sum(w.numel() * w.element_size() for p in projections for w in p.dense.values())
         positions = torch.arange(self.context, device=device)[None]
         probe = torch.zeros(1, device=device, dtype=torch.float32)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from app.decode import MAX_STATIC_CACHE_BYTES, StaticDecoder, cache_bytes, cpu_flags, supports
+from app.decode import MAX_STATIC_CACHE_BYTES, SMALL_ROWS, StaticDecoder, cache_bytes, cpu_flags, supports
 from app.manifest import read_manifest, verify_checkpoint
 from app.prompting import Turn, render_prompt
 from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
@@ -545,7 +545,9 @@ class Engine(EngineBase):
             "kv_cache_mb": round(cache_bytes(self.model.config, d.max_rows) / 2**20, 1) if d is not None else None,
             # which weights serve a decode step and a prompt (int4: GPTQ's kernel; bfloat16/float32: a dense
             # copy read back through it), timed on this CPU at start unless forced; their bytes
-            "decode_weights": d.decode_weights if d is not None else None,
+            "decode_weights": {f"1-{SMALL_ROWS} rows": d.decode_small, "more rows": d.decode_large}
+            if d is not None
+            else None,
             "prompt_weights": d.prompt_weights if d is not None else None,
             "weight_timing_ms": d.weight_timing if d is not None else None,
             "dense_weights_mb": round(d.dense_bytes / 2**20, 1) if d is not None else None,

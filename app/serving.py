@@ -180,6 +180,7 @@ class Serving:
                 timeout_s=s.upstream_timeout_s,
                 probe_s=s.upstream_probe_s,
                 retries=s.upstream_retries,
+                trust_env=s.upstream_trust_env,
             )
         return Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
 

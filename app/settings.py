@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         2.0, gt=0, le=60, description="how often the upstream is probed; /ready is 503 while it is down"
     )
     upstream_retries: int = Field(2, ge=0, le=10, description="retries of a call that could not connect (only those)")
+    upstream_trust_env: bool = Field(
+        False,
+        description="follow HTTP(S)_PROXY / NO_PROXY and .netrc for upstream calls (off: a proxy would see the key)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode: Literal["static", "model"] = Field(
         "static",

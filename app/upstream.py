@@ -26,11 +26,14 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -64,6 +67,41 @@ class UpstreamError(EngineError):
 # ---- pure parsing (tested without a server) --------------------------------------------
 
 
+# an upstream's error body is read at most this far, and at most this much of it is logged
+ERROR_BODY_BYTES = 4096
+ERROR_LOG_CHARS = 200
+_BEARER = re.compile(r"(?i)(bearer\s+|api[_-]?key[\"'=:\s]+)[^\s\"',}]+")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its credentials (``http://user:pass@host`` -> ``http://***@host``): what may be
+    shown in /ready, errors, logs, /info and metric labels."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def log_excerpt(text: str) -> str:
+    """An upstream's error text as it may be logged: bearer keys and API keys blanked, cut short."""
+    return _BEARER.sub(lambda m: m.group(1) + "***", text)[:ERROR_LOG_CHARS]
+
+
+def _logprob(x: Any) -> float | None:
+    """A log-probability as a float when it is one (a finite number <= 0, not a bool), else None."""
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x > 0:
+        return None
+    return float(x)
+
+
+def _tops(t: Any) -> dict[str, float] | None:
+    if not t:
+        return {}
+    if not isinstance(t, dict) or not all(isinstance(k, str) and _logprob(v) is not None for k, v in t.items()):
+        return None
+    return {k: float(v) for k, v in t.items()}
+
+
 def split_logprobs(
     block: dict[str, Any] | None, finish: str | None, eos_texts: Sequence[str]
 ) -> tuple[list[str], list[float], list[dict[str, float]] | None, tuple[float, dict[str, float] | None] | None] | None:
@@ -77,10 +115,14 @@ def split_logprobs(
     tokens, lps = block.get("tokens"), block.get("token_logprobs")
     if not isinstance(tokens, list) or not isinstance(lps, list) or len(tokens) != len(lps):
         return None
-    if any(not isinstance(x, int | float) for x in lps):
+    # every log-probability a finite number <= 0 and every token a string, or the answer is unscored
+    # (one NaN would make every perplexity metric NaN for good, and 1e304 is no perplexity)
+    if any(_logprob(x) is None for x in lps) or any(not isinstance(t, str) for t in tokens):
         return None
     tops = block.get("top_logprobs")
-    tops = [t or {} for t in tops] if isinstance(tops, list) and len(tops) == len(tokens) else None
+    tops = [_tops(t) for t in tops] if isinstance(tops, list) and len(tops) == len(tokens) else None
+    if tops is not None and any(t is None for t in tops):
+        tops = None  # malformed alternatives: the answer keeps its log-probs, without alternatives
     tokens, lps = list(tokens), [float(x) for x in lps]
     eos = None
     if finish == "stop" and tokens and tokens[-1] in ("", *eos_texts):
@@ -99,8 +141,8 @@ def prompt_entries(body: dict[str, Any], n: int) -> tuple[list[str], list[float 
         return "its completions carry no logprobs block for an echoed prompt"
     if not isinstance(tokens, list) or not isinstance(lps, list) or len(lps) < n or len(tokens) < n:
         return f"it returned {len(lps) if isinstance(lps, list) else 0} log-probs for a {n}-token echoed prompt"
-    if any(not isinstance(x, int | float) for x in lps[1:n]):
-        return "its echoed prompt tokens carry no log-probabilities"
+    if any(_logprob(x) is None for x in lps[1:n]) or any(not isinstance(t, str) for t in tokens[:n]):
+        return "its echoed prompt tokens carry no valid log-probabilities (each a finite number <= 0)"
     tops = block.get("top_logprobs")
     tops = list(tops[:n]) if isinstance(tops, list) and len(tops) >= n else [None] * n
     return list(tokens[:n]), [None, *(float(x) for x in lps[1:n])], tops
@@ -123,6 +165,47 @@ def sse_payloads(line: str) -> dict[str, Any] | None:
 def finish_of(reason: Any) -> str:
     """MedAsk's finish reason for an upstream's (``length`` for anything unknown)."""
     return "stop" if reason == "stop" else "length"
+
+
+# a response is read at most this far: a base for the JSON around the text, and a generous allowance per token
+# asked for (a token is a few bytes; its log-probs and alternatives a few hundred)
+RESPONSE_BYTES_BASE = 256 * 1024
+RESPONSE_BYTES_PER_TOKEN = 4096
+
+
+class ResponseTooLarge(Exception):
+    """The upstream sent more than MedAsk asked it for."""
+
+
+def response_cap(max_tokens: int) -> int:
+    return RESPONSE_BYTES_BASE + RESPONSE_BYTES_PER_TOKEN * max(max_tokens, 1)
+
+
+async def bounded_lines(response: httpx.Response, cap: int) -> AsyncIterator[str]:
+    """The lines of a streamed body, never holding more than ``cap`` bytes: an endless line or an
+    endless stream is cut off (ResponseTooLarge), not buffered until memory runs out."""
+    buffer = b""
+    total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > cap:
+            raise ResponseTooLarge(f"more than {cap} bytes")
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.rstrip(b"\r").decode(errors="replace")
+    if buffer:
+        yield buffer.decode(errors="replace")
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> str:
+    """The start of a response body, never more than ``limit`` bytes read (an 8 MB error page is not read)."""
+    out = bytearray()
+    async for chunk in response.aiter_bytes():
+        out += chunk
+        if len(out) >= limit:
+            break
+    return bytes(out[:limit]).decode(errors="replace")
 
 
 # ---- the engine -------------------------------------------------------------------------
@@ -150,9 +233,12 @@ class UpstreamEngine(EngineBase):
         timeout_s: float = 60.0,
         probe_s: float = 2.0,
         retries: int = 2,
+        trust_env: bool = False,
     ) -> None:
         super().__init__(tokenizer, folder, manifest, config, load_seconds, front)
         self.url = url.rstrip("/").removesuffix("/v1")  # the base URL, whether or not /v1 was given
+        self.public_url = redact_url(self.url)  # what is shown: never the URL's credentials
+        self.trust_env = trust_env
         self.metrics = metrics
         self.wanted_model = model
         self.timeout_s = timeout_s
@@ -160,7 +246,7 @@ class UpstreamEngine(EngineBase):
         self.retries = retries
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.upstream_model: str | None = None
-        self.down_reason: str | None = f"the upstream engine at {self.url} has not been reached yet"
+        self.down_reason: str | None = f"the upstream engine at {self.public_url} has not been reached yet"
         # why the upstream cannot score prompts (None: it can); learnt at each (re)connection
         self.score_problem: str | None = "not probed yet"
         self._eos_texts = tuple(t for t in (tokenizer.eos_token,) if t)
@@ -188,7 +274,10 @@ class UpstreamEngine(EngineBase):
     async def _start(self) -> None:
         timeout = httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        self._client = httpx.AsyncClient(timeout=timeout, limits=limits, headers=self._headers)
+        # proxies from HTTP(S)_PROXY would see the bearer key: followed only when asked (MEDASK_UPSTREAM_TRUST_ENV)
+        self._client = httpx.AsyncClient(
+            timeout=timeout, limits=limits, headers=self._headers, trust_env=self.trust_env
+        )
         await self.probe()
         self._monitor = asyncio.ensure_future(self._watch())
 
@@ -228,23 +317,23 @@ class UpstreamEngine(EngineBase):
         try:
             r = await self._client.get(f"{self.url}/v1/models", timeout=min(5.0, self.timeout_s))
         except httpx.HTTPError as exc:
-            self._down(f"cannot reach the upstream engine at {self.url} ({type(exc).__name__})", "connect")
+            self._down(f"cannot reach the upstream engine at {self.public_url} ({type(exc).__name__})", "connect")
             return
         self.metrics.upstream_latency.labels("probe").observe(time.perf_counter() - t0)
         if r.status_code != 200:
-            self._down(f"the upstream engine at {self.url} answered {r.status_code} to GET /v1/models", "status")
+            self._down(f"the upstream engine at {self.public_url} answered {r.status_code} to GET /v1/models", "status")
             return
         try:
             ids = [str(m["id"]) for m in r.json().get("data", [])]
         except (ValueError, KeyError, TypeError, AttributeError):
-            self._down(f"the upstream engine at {self.url} sent a model list that is not OpenAI's", "protocol")
+            self._down(f"the upstream engine at {self.public_url} sent a model list that is not OpenAI's", "protocol")
             return
         if not ids:
-            self._down(f"the upstream engine at {self.url} serves no model", "status")
+            self._down(f"the upstream engine at {self.public_url} serves no model", "status")
             return
         if self.wanted_model and self.wanted_model not in ids:
             self._down(
-                f"the upstream engine at {self.url} serves {ids}, not {self.wanted_model!r} (MEDASK_UPSTREAM_MODEL)",
+                f"the upstream engine at {self.public_url} serves {ids}, not {self.wanted_model!r} (MEDASK_UPSTREAM_MODEL)",
                 "model",
             )
             return
@@ -281,13 +370,13 @@ class UpstreamEngine(EngineBase):
         if self.down_reason != reason:
             log.warning("upstream unavailable", extra={"event": "upstream_down", "reason": reason})
         self.down_reason = reason
-        self.metrics.upstream_up.labels(self.url).set(0)
+        self.metrics.upstream_up.labels(self.public_url).set(0)
 
     def _up(self) -> None:
         if self.down_reason is not None:
             log.info("upstream available", extra={"event": "upstream_up", "model": self.upstream_model})
         self.down_reason = None
-        self.metrics.upstream_up.labels(self.url).set(1)
+        self.metrics.upstream_up.labels(self.public_url).set(1)
 
     # ---- HTTP ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -301,7 +390,7 @@ class UpstreamEngine(EngineBase):
             try:
                 async with self._client.stream("POST", f"{self.url}/v1/completions", json=body) as r:
                     if r.status_code >= 400:
-                        raise self._refused(r.status_code, (await r.aread()).decode(errors="replace"))
+                        raise self._refused(r.status_code, await _read_at_most(r, ERROR_BODY_BYTES))
                     yield r
                 self.metrics.upstream_latency.labels(kind).observe(time.perf_counter() - t0)
                 return
@@ -311,19 +400,24 @@ class UpstreamEngine(EngineBase):
                 await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
             except httpx.TimeoutException:
                 raise self._timeout() from None
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, ResponseTooLarge) as exc:
                 raise self._broken(exc) from None
 
     async def _post(self, body: dict[str, Any], kind: str) -> dict[str, Any]:
+        cap = response_cap(int(body.get("max_tokens") or 1) + len(body.get("prompt") or []))
         async with self._completion(body, kind) as r:
-            raw = await r.aread()
+            raw = bytearray()
+            async for chunk in r.aiter_bytes():
+                raw += chunk
+                if len(raw) > cap:  # more than was asked for: read no further
+                    raise self._broken(ResponseTooLarge(f"more than {cap} bytes"))
         try:
             return json.loads(raw)
         except ValueError:
             raise self._broken(ValueError("a body that is not JSON")) from None
 
     def _unreachable(self, exc: BaseException) -> UpstreamError:
-        reason = f"cannot reach the upstream engine at {self.url} ({type(exc).__name__})"
+        reason = f"cannot reach the upstream engine at {self.public_url} ({type(exc).__name__})"
         self._down(reason, "connect")
         return UpstreamError(503, "upstream_unavailable", reason)
 
@@ -343,12 +437,14 @@ class UpstreamEngine(EngineBase):
         )
 
     def _refused(self, status: int, text: str) -> UpstreamError:
+        """A fixed message for the client (an upstream's text may echo headers, keys or megabytes); the
+        details go to the log, truncated and with keys blanked (OWASP API10)."""
         self.metrics.upstream_errors.labels("status").inc()
-        try:
-            message = json.loads(text)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = text[:200]
-        return UpstreamError(502, "upstream_error", f"the upstream engine answered {status}: {message}")
+        log.warning(
+            "upstream refused a request",
+            extra={"event": "upstream_refused", "status": status, "detail": log_excerpt(text)},
+        )
+        return UpstreamError(502, "upstream_error", f"the upstream engine answered {status} (details in the log)")
 
     def _echo_body(self, ids: list[int], top_k: int) -> dict[str, Any]:
         # max_tokens 1, not 0: every OpenAI-compatible server accepts it (lm-eval asks the same)
@@ -412,15 +508,20 @@ class UpstreamEngine(EngineBase):
         lps: list[Any] = []
         tops: list[Any] = []
         complete_logprobs = True
+        pieces_left = job.params.max_new_tokens  # an upstream that ignores max_tokens is cut off here
         async with self._completion(body, "stream") as r:
-            async for line in r.aiter_lines():
+            async for line in bounded_lines(r, response_cap(job.params.max_new_tokens)):
                 obj = sse_payloads(line)
                 if obj is None:
                     continue
                 if obj.get("usage"):
                     usage = obj["usage"].get("completion_tokens")
+                cut = False
                 for choice in obj.get("choices") or []:
                     piece = str(choice.get("text") or "")
+                    if piece and pieces_left <= 0:  # more text than was asked for: cut, never relayed
+                        finish, cut = "length", True
+                        break
                     block = choice.get("logprobs")
                     if isinstance(block, dict) and isinstance(block.get("tokens"), list):
                         tokens += block["tokens"]
@@ -432,8 +533,11 @@ class UpstreamEngine(EngineBase):
                         first_at = first_at or time.perf_counter()
                         text += piece
                         job.on_text(piece)
+                        pieces_left -= 1
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
+                if cut:
+                    break
             if finish is None:  # the stream ended without a finish: the upstream went away
                 raise self._broken(ConnectionError("a stream that ended before its finish"))
         block = {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops} if complete_logprobs else None
@@ -567,7 +671,7 @@ class UpstreamEngine(EngineBase):
         out = super().info()
         out["engine"] = {
             "name": self.name,
-            "url": self.url,
+            "url": self.public_url,
             "model": self.upstream_model,
             "available": self.down_reason is None,
             "unavailable_reason": self.down_reason,

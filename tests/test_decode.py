@@ -61,12 +61,15 @@ def test_every_weight_path_gives_the_models_answers(
     d = engine.decoder
     assert d is not None
     if decode != "auto":
-        assert (d.decode_weights, d.prompt_weights) == (decode, prompt)
+        assert (d.decode_small, d.decode_large, d.prompt_weights) == (decode, decode, prompt)
     else:
-        assert {"int4", "bfloat16", "float32"} == set(d.weight_timing["decode"]) == set(d.weight_timing["prompt"])
-        assert d.decode_weights == min(d.weight_timing["decode"], key=d.weight_timing["decode"].__getitem__)
+        timing = d.weight_timing
+        assert {"int4", "bfloat16", "float32"} == set(timing["small"]) == set(timing["large"]) == set(timing["prompt"])
+        assert d.decode_small == min(timing["small"], key=timing["small"].__getitem__)
+        assert d.decode_large == min(timing["large"], key=timing["large"].__getitem__)
     info = engine.info()["decode"]
-    assert info["decode_weights"] == d.decode_weights and info["cpu_flags"] is not None
+    assert info["decode_weights"] == {"1-4 rows": d.decode_small, "more rows": d.decode_large}
+    assert info["cpu_flags"] is not None
     got = engine.generate(jobs(engine))
     for g, w in zip(got, reference.generate(jobs(reference)), strict=True):
         assert g.token_ids == w.token_ids

@@ -45,10 +45,8 @@ def test_ask_puts_rule_advice_first_and_cites_evidence(server: Server) -> None:
     )
     assert body["quality"]["perplexity_percentile"] is not None
     if body["quality"]["degenerate"]:  # the tiny model's loop: none of it shown unchecked; the sources speak
-        assert (
-            body["answer_source"] in ("evidence", "mixed")
-            and "What the sources say:" in body["answer"]
-            or ("The sources add:" in body["answer"])
+        assert (body["answer_source"] in ("evidence", "mixed") and "What the sources say:" in body["answer"]) or (
+            "The sources add:" in body["answer"]
         )
     # every sentence shown after the advice carries a marker that points to a citation given
     shown = body["answer"][len(triage["advice"]) :]

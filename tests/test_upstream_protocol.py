@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.settings import Settings
-from app.upstream import finish_of, prompt_entries, split_logprobs, sse_payloads
+from app.upstream import finish_of, log_excerpt, prompt_entries, redact_url, split_logprobs, sse_payloads
 
 
 def test_an_eos_entry_is_split_off_a_stopped_completion() -> None:
@@ -89,3 +89,35 @@ def test_upstream_mode_needs_a_url() -> None:
     with pytest.raises(ValidationError, match="http"):
         Settings(engine="upstream", upstream_url="vllm:8000")
     assert Settings(engine="upstream", upstream_url="http://vllm:8000").upstream_url == "http://vllm:8000"
+
+
+@pytest.mark.parametrize(
+    "lps",
+    [[-0.5, float("nan")], [-0.5, float("inf")], [-0.5, 0.7], [-0.5, True], [-0.5, "-1"], [-1e304, 1e304]],
+    ids=["nan", "inf", "positive", "bool", "string", "huge"],
+)
+def test_invalid_log_probabilities_leave_the_answer_unscored(lps: list) -> None:
+    """One NaN would make the perplexity metrics NaN for good and a summary invalid JSON."""
+    assert split_logprobs({"tokens": ["a", "b"], "token_logprobs": lps}, "length", ()) is None
+    body = {"choices": [{"logprobs": {"tokens": ["x", "a", "b"], "token_logprobs": [None, *lps]}}]}
+    assert isinstance(prompt_entries(body, 3), str)
+
+
+def test_malformed_alternatives_and_tokens() -> None:
+    # integer tokens: unscored, not a 500
+    assert split_logprobs({"tokens": [1, 2], "token_logprobs": [-0.1, -0.2]}, "length", ()) is None
+    # alternatives that are not {text: logprob}: the answer keeps its log-probs, without alternatives
+    block = {"tokens": ["a", "b"], "token_logprobs": [-0.1, -0.2], "top_logprobs": [{"a": "x"}, [1, 2]]}
+    pieces, lps, tops, _ = split_logprobs(block, "length", ())
+    assert pieces == ["a", "b"] and lps == [-0.1, -0.2] and tops is None
+
+
+def test_credentials_in_the_upstream_url_are_never_shown() -> None:
+    assert redact_url("http://user:s3cret@vllm:8000") == "http://***@vllm:8000"
+    assert redact_url("https://vllm.internal:8443/v1") == "https://vllm.internal:8443/v1"
+
+
+def test_upstream_error_text_is_logged_truncated_without_keys() -> None:
+    text = '{"headers": {"authorization": "Bearer sk-live-123456"}, "api_key": "abc"}' + "x" * 10_000
+    excerpt = log_excerpt(text)
+    assert "sk-live-123456" not in excerpt and "abc" not in excerpt and len(excerpt) <= 200
