@@ -129,6 +129,7 @@ class Gateway:
             rid = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        state["arrived"] = time.monotonic()  # a request's deadline runs from here, not from when it is queued
         status_holder = {"status": 500, "started": False}
 
         async def send_wrapped(message: Message) -> None:

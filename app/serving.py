@@ -361,9 +361,21 @@ class Serving:
             self.metrics.scope_refusals.inc()
         return result
 
-    def triage_conversation(self, history: Sequence[Turn], question: str) -> Triage:
-        """Every user turn is triaged: an emergency said earlier in a conversation is still one."""
-        return self.triage("\n".join([text for speaker, text in history if speaker == "user"] + [question]))
+    async def triage_conversation(self, history: Sequence[Turn], question: str) -> Triage:
+        """Every user turn is triaged: an emergency said earlier in a conversation is still one. The
+        conversation is bounded first (before any work), and triage runs off the event loop, so one long
+        conversation never stalls other requests or the probes."""
+        text = "\n".join([t for speaker, t in history if speaker == "user"] + [question])
+        limit = self.settings.max_conversation_chars
+        if len(text) > limit:
+            raise ApiError(
+                413,
+                "conversation_too_long",
+                f"the conversation's user text is {len(text)} characters, more than {limit} "
+                "(MEDASK_MAX_CONVERSATION_CHARS): start a new conversation or shorten it",
+                "messages" if history else "question",
+            )
+        return await asyncio.to_thread(self.triage, text)
 
     def quality(self, answer: str, question: str, perplexity: float | None) -> Quality:
         """The quality gate, with the answer's perplexity placed among the model's held-out answers."""
@@ -520,7 +532,8 @@ class Serving:
     ) -> tuple[asyncio.Future, float]:
         """Queue work under the caller's key with the request's one deadline: the policy drops the
         work unrun once it has passed, and the waiter answers 504 at that same instant."""
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        arrived = (request.scope.get("state") or {}).get("arrived") or time.monotonic()
+        deadline = arrived + self.settings.request_timeout_s
         try:
             return submit(self._key(request), deadline), deadline
         except QueueFull as exc:

@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     max_prompts_per_request: int = Field(16, ge=1, le=64, description="most prompts in one /v1/completions call")
     request_timeout_s: float = Field(120.0, gt=0)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_conversation_chars: int = Field(
+        24_000,
+        ge=1000,
+        le=1_000_000,
+        description="most characters of user text in one conversation (question + earlier user turns): checked "
+        "before any work, 413 beyond it",
+    )
     max_connections: int = Field(
         512, ge=1, description="open connections beyond this get 503 (uvicorn limit_concurrency)"
     )

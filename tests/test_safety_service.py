@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -226,3 +227,39 @@ def test_grounding_modes_and_a_stream_sends_only_checked_sentences(server: Serve
     body = chat.json()
     assert body["grounding"]["mode"] == "strict" and body["answer_source"] in ("model", "evidence", "mixed")
     assert "[not supported by the cited sources]" not in body["choices"][0]["message"]["content"]
+
+
+def test_a_conversation_is_bounded_before_any_work_and_triage_leaves_the_loop_free(server: Server) -> None:
+    """A long chat once froze the process (240 KB: 78 s without /health): now a 413 before any work."""
+    turn = "My chest hurts a little when I climb stairs and I feel tired in the evenings. " * 13  # ~1,000 chars
+    messages = []
+    for _ in range(30):
+        messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": "Go on."}]
+    messages.append({"role": "user", "content": "What should I do?"})
+    t0 = time.monotonic()
+    r = post(server, "/v1/chat/completions", {"max_tokens": 4, "messages": messages})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "conversation_too_long", r.text
+    assert "MEDASK_MAX_CONVERSATION_CHARS" in r.json()["error"]["message"] and time.monotonic() - t0 < 10
+    long_turn = (turn * 4)[:3900]
+    history = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "ok"}] * 8
+    r = post(server, "/ask", {"question": "And now?", "history": history})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "messages"
+    # a conversation just under the bound is triaged off the event loop: /health answers meanwhile
+    under = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "ok"}] * 5
+    with httpx.Client(timeout=60) as client:
+        import threading
+
+        done: list[int] = []
+        worker = threading.Thread(
+            target=lambda: done.append(
+                client.post(
+                    f"{server.base}/ask",
+                    json={"question": "And now?", "history": under, "max_new_tokens": 2},
+                    headers=server.headers(),
+                ).status_code
+            )
+        )
+        worker.start()
+        assert httpx.get(f"{server.base}/health", timeout=5).status_code == 200
+        worker.join(60)
+    assert done == [200]

@@ -89,7 +89,7 @@ def advice_events(triage: Triage) -> list[str]:
 async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     t0 = time.perf_counter()
     svc.require_ready()
-    triage = svc.triage_conversation(req.turns, req.question)
+    triage = await svc.triage_conversation(req.turns, req.question)
     rid = new_id("ask")
     if not triage.in_scope:  # the rule layer is sure: no model call
         svc.note(request, 0, 0, question=req.question, role=req.role)

@@ -159,7 +159,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
     svc.check_model(req.model)
     _check_n(svc, req.n, req.stream)
     role, history, question = conversation(req.messages)
-    triage = svc.triage_conversation(history, question)
+    triage = await svc.triage_conversation(history, question)
     cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
     obj = "chat.completion.chunk"
     if not triage.in_scope:
