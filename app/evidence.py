@@ -13,6 +13,7 @@ Pure Python: no FastAPI import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -74,8 +75,18 @@ def tokenize_query(text: str) -> list[str]:
     return bm25s.tokenize([text], stopwords=STOPWORDS, show_progress=False, return_ids=False)[0]
 
 
+def pack_digest(manifest: dict[str, Any]) -> str:
+    """The pack's identity: the sha256 of its manifest's file list (every file's path, size and sha256),
+    which the files were verified against at load. Any changed passage changes it."""
+    files = json.dumps(manifest.get("files") or {}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(files.encode()).hexdigest()
+
+
 class EvidencePack:
     """A verified pack, loaded once; ``retrieve`` is read-only and thread-safe."""
+
+    pack_sha256: str = ""
+    pinned: bool = False
 
     def __init__(self, folder: Path, manifest: dict[str, Any], passages: list[Passage], retriever: Any) -> None:
         self.folder = folder
@@ -84,7 +95,10 @@ class EvidencePack:
         self.retriever = retriever
 
     @classmethod
-    def load(cls, folder: Path) -> EvidencePack:
+    def load(cls, folder: Path, pin: str | None = None) -> EvidencePack:
+        """A verified pack. ``pin``: the pack digest it must have (``pack_sha256``), fixed outside the folder
+        (a setting, or the checkpoint's manifest), as pip's --require-hashes does: a pack whose passages were
+        edited and whose manifest was recomputed to match verifies against itself, not against the pin."""
         import bm25s
 
         folder = Path(folder)
@@ -92,6 +106,12 @@ class EvidencePack:
         if problems:
             raise EvidenceError(f"evidence pack {folder} is not usable: " + "; ".join(problems))
         manifest = read_manifest(folder)
+        digest = pack_digest(manifest)
+        if pin is not None and digest != pin:
+            raise EvidenceError(
+                f"evidence pack {folder} is not the pinned pack: its digest is {digest}, the pin is {pin} "
+                "(MEDASK_EVIDENCE_SHA256 or the checkpoint's manifest): its files were changed"
+            )
         passages = []
         with (folder / PASSAGES).open(encoding="utf-8") as fh:
             for line in fh:
@@ -104,7 +124,10 @@ class EvidencePack:
             raise EvidenceError(
                 f"evidence pack {folder}: manifest says {manifest.get('passages')} passages, found {len(passages)}"
             )
-        return cls(folder, manifest, passages, retriever)
+        pack = cls(folder, manifest, passages, retriever)
+        pack.pack_sha256 = digest
+        pack.pinned = pin is not None
+        return pack
 
     @property
     def version(self) -> str:
@@ -163,7 +186,10 @@ class EvidencePack:
             "passages": len(self.passages),
             "documents": m.get("documents"),
             "sources": m.get("sources"),
-            "corpus_sha256": m.get("corpus_sha256"),
+            # computed from the files verified and loaded (each file's sha256 checked against this list)
+            "pack_sha256": self.pack_sha256,
+            "pinned": self.pinned,
+            "corpus_sha256": m.get("corpus_sha256"),  # declared by the pack's manifest; pack_sha256 is computed
         }
 
 
@@ -220,12 +246,12 @@ def gather(
     return passages[:shown], block
 
 
-def load_pack(folder: Path | None) -> EvidencePack | None:
+def load_pack(folder: Path | None, pin: str | None = None) -> EvidencePack | None:
     """The pack at ``folder``, or None when no folder is configured or it does not exist."""
     if folder is None or not Path(folder).exists():
         return None
     t0 = time.perf_counter()
-    pack = EvidencePack.load(Path(folder))
+    pack = EvidencePack.load(Path(folder), pin)
     log.info(
         "evidence pack loaded",
         extra={

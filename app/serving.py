@@ -105,6 +105,7 @@ class Serving:
         except EvidenceError as exc:
             raise CheckpointError(str(exc)) from exc
         engine = self._load_engine()
+        self._check_pack_against(engine.manifest)
         self.engine = engine
         self.metrics.model_load_seconds.set(engine.load_seconds)
         self.metrics.model_info.labels(
@@ -253,7 +254,7 @@ class Serving:
             if not Path(folder).is_dir():
                 raise EvidenceError(f"MEDASK_EVIDENCE_DIR={folder} does not exist")
             self.evidence_note = f"evidence pack {folder}"
-            return load_pack(folder)
+            return load_pack(folder, self.settings.evidence_sha256)
         default = Path(DEFAULT_EVIDENCE_DIR)
         if not (default / PASSAGES).is_file():
             self.evidence_note = (
@@ -263,7 +264,21 @@ class Serving:
             log.warning(self.evidence_note, extra={"event": "no_evidence"})
             return None
         self.evidence_note = f"evidence pack {default}"
-        return load_pack(default)
+        return load_pack(default, self.settings.evidence_sha256)
+
+    def _check_pack_against(self, manifest: dict[str, Any]) -> None:
+        """A checkpoint names the pack it was trained and evaluated with (name and digest): a pack that
+        carries that name must be that pack. (A pack with another name, a hospital's own, is the
+        operator's choice; MEDASK_EVIDENCE_SHA256 pins any pack.)"""
+        named = ((manifest.get("evidence") or {}).get("pack")) or {}
+        pack = self.evidence
+        if pack is None or self.settings.evidence_sha256 or not named.get("pack_sha256"):
+            return
+        if named.get("name") == pack.manifest.get("name") and named["pack_sha256"] != pack.pack_sha256:
+            raise CheckpointError(
+                f"evidence pack {pack.folder} calls itself {named['name']!r}, the pack this checkpoint names, but "
+                f"its digest is {pack.pack_sha256}, not the checkpoint's {named['pack_sha256']}: its files were changed"
+            )
 
     def evidence_contract(self) -> tuple[int, int]:
         """(k, max_tokens): the settings, else what the checkpoint was trained with, else the defaults."""

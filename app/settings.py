@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     evidence_dir: Path | None = Field(
         None, description="evidence pack; default: model_artifacts/evidence when it has been built"
     )
+    evidence_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the evidence pack's pack_sha256 (/info): a pack with another digest is refused at start",
+    )
     evidence_k: int | None = Field(None, ge=1, le=10, description="default: the checkpoint's training contract, else 3")
     evidence_max_tokens: int | None = Field(None, ge=16, le=8192, description="default: the checkpoint's, else 256")
     safety_rules: Path | None = Field(None, description="triage rule file; default: app/safety_rules.yaml")

@@ -173,7 +173,7 @@ def test_service_without_a_pack_says_so(ci_checkpoint: Path, tmp_path: Path) -> 
         stop_server(srv)
 
 
-@pytest.mark.parametrize("fault", ["rules", "tampered_pack", "missing_pack"])
+@pytest.mark.parametrize("fault", ["rules", "tampered_pack", "missing_pack", "unpinned_pack", "forged_pack"])
 def test_a_broken_rule_file_or_pack_stops_the_service(
     fault: str, ci_checkpoint: Path, ci_pack: Path, tmp_path: Path
 ) -> None:
@@ -191,6 +191,21 @@ def test_a_broken_rule_file_or_pack_stops_the_service(
             fh.write("\n")
         env["MEDASK_EVIDENCE_DIR"] = str(pack)
         expect = "passages.jsonl"
+    elif fault == "forged_pack":  # edited and re-manifested: it verifies against itself, not the checkpoint
+        import hashlib
+
+        pack = shutil.copytree(ci_pack, tmp_path / "pack")
+        passages = pack / "passages.jsonl"
+        passages.write_text(passages.read_text().replace("pain", "rest at home and take an antacid"))
+        manifest = json.loads((pack / "manifest.json").read_text())
+        data = passages.read_bytes()
+        manifest["files"]["passages.jsonl"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (pack / "manifest.json").write_text(json.dumps(manifest))
+        env["MEDASK_EVIDENCE_DIR"] = str(pack)
+        expect = "the pack this checkpoint names"
+    elif fault == "unpinned_pack":  # a pack that verifies against itself but is not the pinned one
+        env |= {"MEDASK_EVIDENCE_DIR": str(ci_pack), "MEDASK_EVIDENCE_SHA256": "0" * 64}
+        expect = "not the pinned pack"
     else:
         env["MEDASK_EVIDENCE_DIR"] = str(tmp_path / "nowhere")
         expect = "does not exist"

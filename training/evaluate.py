@@ -196,7 +196,10 @@ def _evidence_summary(recipe: Recipe, work: Path, rows: list[MedTextRow]) -> dic
     return {
         "k": recipe.evidence.k,
         "max_tokens": recipe.evidence.max_tokens,
-        "pack": {k: pack.manifest.get(k) for k in ("name", "documents", "passages", "sources", "corpus_sha256")},
+        "pack": {
+            **{k: pack.manifest.get(k) for k in ("name", "documents", "passages", "sources", "corpus_sha256")},
+            "pack_sha256": pack.pack_sha256,  # the service refuses a pack of this name with another digest
+        },
         "retrieval": retrieval_quality(pack, rows, 5),
     }
 
