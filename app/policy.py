@@ -95,7 +95,8 @@ class Policy:
             raise QueueFull()
         if work.key is not None and self._held[work.key] >= self.key_limit:
             raise QueueFull(
-                f"this API key already holds {self._held[work.key]} requests, its share of the queue; retry shortly"
+                f"this caller (API key, or address without keys) already holds {self._held[work.key]} requests, "
+                "its share of the queue; retry shortly"
             )
         self.waiting.append(work)
         self._held[work.key] += 1

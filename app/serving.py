@@ -556,8 +556,13 @@ class Serving:
 
     @staticmethod
     def _key(request: Request) -> str | None:
-        """The caller's API key id (None without auth): the unit of fair shares."""
-        return (request.scope.get("state") or {}).get("key_id")
+        """The unit of fair shares: the caller's API key id; without keys, the client's address (one
+        client's burst must not take every slot from the others; behind a proxy every client has the
+        proxy's address: use keys there)."""
+        key = (request.scope.get("state") or {}).get("key_id")
+        if key is None and request.client is not None:
+            return f"addr:{request.client.host}"
+        return key
 
     # ---- generation -------------------------------------------------------------
     async def generate(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
