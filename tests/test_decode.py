@@ -86,17 +86,18 @@ def test_rows_joining_and_leaving_the_slots_keep_their_answers(static: Engine) -
     """Rows end at different steps (the last slot moves into the hole) while queued rows join."""
     first, queued = jobs(static, (3, 11)), jobs(static, (7, 4, 16, 2))
     finished: dict[int, list[int]] = {}
+    admitted: list[GenerationJob] = []  # kept alive: an id() is only unique while its object lives
 
     def admit(room: int) -> list[GenerationJob]:
         out = queued[:room]
         del queued[:room]
+        admitted.extend(out)
         return out
 
     static.generate(first, admit=admit, on_finish=lambda job, r: finished.__setitem__(id(job), r.token_ids), max_rows=4)
-    for job in first + jobs(static, (7, 4, 16, 2)):
+    for job in first + admitted:
         solo = static.generate([GenerationJob(job.prompt_ids, job.params)])[0]
-        if id(job) in finished:
-            assert finished[id(job)] == solo.token_ids
+        assert finished[id(job)] == solo.token_ids
     assert len(finished) == 6 and not queued
 
 
