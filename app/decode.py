@@ -32,6 +32,7 @@ architectures, biases, sliding windows, unusual RoPE) keep the model's forward: 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -208,15 +209,16 @@ def choose_head_dtype(head: torch.Tensor, max_rows: int, reps: int = 5) -> tuple
     return min(timing, key=timing.__getitem__), timing
 
 
-def cpu_flags() -> list[str]:
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
     """The instruction sets that decide which kernels are fast here (benchmarks record them too)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
-        return []
+        return ()
     line = next((row for row in text.splitlines() if row.startswith("flags")), "")
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return [f for f in wanted if f in line.split()]
+    return tuple(f for f in wanted if f in line.split())
 
 
 class StaticDecoder:

@@ -540,7 +540,7 @@ class Engine(EngineBase):
             "lm_head": str(d.head_dtype).replace("torch.", "") if d is not None else None,
             # chosen by timing both on this CPU when MEDASK_LM_HEAD_DTYPE=auto (ms per 1-row + full-batch matmul)
             "lm_head_timing_ms": d.head_timing if d is not None else None,
-            "cpu_flags": cpu_flags(),
+            "cpu_flags": list(cpu_flags()),
             "slots": d.max_rows if d is not None else None,
             "kv_cache_mb": round(cache_bytes(self.model.config, d.max_rows) / 2**20, 1) if d is not None else None,
             # which weights serve a decode step and a prompt (int4: GPTQ's kernel; bfloat16/float32: a dense

@@ -505,12 +505,15 @@ class SentenceGate:
             return piece
         self.buffer += piece
         parts = split_sentences(self.buffer)
-        if len(parts) < 2 and not self.buffer.endswith("\n\n"):
+        # the last part is complete only once a paragraph break follows it; until then it waits, as
+        # written (its trailing space is what lets the next sentence be seen to start)
+        if self.buffer.endswith("\n\n"):
+            self.buffer = ""
+            return self._release(parts)
+        if len(parts) < 2:
             return ""
-        done, self.buffer = parts[:-1], parts[-1] if not self.buffer.endswith("\n\n") else ""
-        if not self.buffer and parts:
-            done = parts
-        return self._release(done)
+        self.buffer = self.buffer[self.buffer.rfind(parts[-1]) :]  # the unfinished sentence, spaces kept
+        return self._release(parts[:-1])
 
     def _release(self, sentences: list[str]) -> str:
         assert self.checker is not None

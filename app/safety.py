@@ -196,7 +196,6 @@ class SafetyLayer:
             code: _Pipeline(code, spec, set(rules.always_current)) for code, spec in rules.languages.items()
         }
         self.default = rules.default_language
-        self.refusal = rules.languages[self.default].scope.refusal
         self.classifier: TriageClassifier | None = None
         if rules.classifier is not None:
             examples = [e for name in rules.classifier.examples for e in read_examples(source.parent / name)]
@@ -248,11 +247,8 @@ class SafetyLayer:
                 scope |= other_scope
         return found, excluded, scope, affirmed
 
-    def findings(self, text: str) -> tuple[Findings, set[str]]:
-        """The measurements in ``text`` and the rule file's findings they meet."""
-        return self._findings(fold(canonical(text)))
-
     def _findings(self, folded: str) -> tuple[Findings, set[str]]:
+        """The measurements in a folded question and the rule file's findings they meet."""
         f = extract(folded)
         child = any(days < 16 * 365 for days in f.age_days)
         fired = set()
@@ -273,10 +269,6 @@ class SafetyLayer:
     def _language(self, clean: str, folded: str) -> str:
         markers = {code: spec.markers for code, spec in self.rules.languages.items()}
         return lang_detect.detect(clean.lower(), folded, markers, self.default)
-
-    def classify(self, text: str) -> dict[str, float]:
-        """The second signal's probabilities (empty without a classifier)."""
-        return self.classifier.probabilities(fold(canonical(text))) if self.classifier else {}
 
     def assess(self, text: str) -> Assessment:
         """Both signals, apart: what the rules flag and what the classifier flags (the benchmark's view)."""

@@ -223,8 +223,8 @@ class AskResponse(BaseModel):
     id: str
     answer: str = Field(
         ...,
-        description="fixed safety advice first (emergency/crisis), then the model's answer, or a plain statement "
-        "that no reliable answer was produced",
+        description="fixed safety advice first (emergency/crisis), then the model's sentences a cited passage "
+        "supports (each with its [n]), composed from the passages when too few are (see answer_source, grounding)",
     )
     role: str
     perplexity: float | None = Field(..., description=PERPLEXITY_MEANING)

@@ -198,14 +198,15 @@ async def bounded_lines(response: httpx.Response, cap: int) -> AsyncIterator[str
         yield buffer.decode(errors="replace")
 
 
-async def _read_at_most(response: httpx.Response, limit: int) -> str:
-    """The start of a response body, never more than ``limit`` bytes read (an 8 MB error page is not read)."""
+async def read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """A response body, never more than ``limit`` bytes read (an 8 MB page is not read), and whether
+    there was more."""
     out = bytearray()
     async for chunk in response.aiter_bytes():
         out += chunk
-        if len(out) >= limit:
-            break
-    return bytes(out[:limit]).decode(errors="replace")
+        if len(out) > limit:
+            return bytes(out[:limit]), True
+    return bytes(out), False
 
 
 # ---- the engine -------------------------------------------------------------------------
@@ -390,7 +391,8 @@ class UpstreamEngine(EngineBase):
             try:
                 async with self._client.stream("POST", f"{self.url}/v1/completions", json=body) as r:
                     if r.status_code >= 400:
-                        raise self._refused(r.status_code, await _read_at_most(r, ERROR_BODY_BYTES))
+                        start, _ = await read_at_most(r, ERROR_BODY_BYTES)
+                        raise self._refused(r.status_code, start.decode(errors="replace"))
                     yield r
                 self.metrics.upstream_latency.labels(kind).observe(time.perf_counter() - t0)
                 return
@@ -406,11 +408,9 @@ class UpstreamEngine(EngineBase):
     async def _post(self, body: dict[str, Any], kind: str) -> dict[str, Any]:
         cap = response_cap(int(body.get("max_tokens") or 1) + len(body.get("prompt") or []))
         async with self._completion(body, kind) as r:
-            raw = bytearray()
-            async for chunk in r.aiter_bytes():
-                raw += chunk
-                if len(raw) > cap:  # more than was asked for: read no further
-                    raise self._broken(ResponseTooLarge(f"more than {cap} bytes"))
+            raw, more = await read_at_most(r, cap)
+            if more:  # more than was asked for: read no further
+                raise self._broken(ResponseTooLarge(f"more than {cap} bytes"))
         try:
             return json.loads(raw)
         except ValueError:

@@ -19,8 +19,11 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from app.decode import cpu_flags
+
     return {
         "cpu": cpu,
+        "cpu_flags": list(cpu_flags()),  # a default measured on one CPU kind must be measured on the other
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -89,7 +89,7 @@ def main() -> None:
         r["x_best_16"] = round(float(r["tok_s_16"]) / best["tok_s_16"], 3)
         r["x_best_prefill"] = round(best_prefill / float(r["prefill_ms"]), 3) if r["prefill_ms"] else None
     summary = {
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": list(cpu_flags()),
         "shipped_vs_best": {k: max(shipped[k], again[k]) for k in ("x_best_1", "x_best_16", "x_best_prefill")},
         "auto_timings": engine.info()["decode"] if engine.decoder is not None else None,
     }

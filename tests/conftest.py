@@ -175,3 +175,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def forge_pack(src: Path, dst: Path, old: str, new: str) -> Path:
+    """A copy of a pack with ``old`` replaced by ``new`` in its passages and its manifest recomputed to
+    match: what an attacker with write access does. It verifies against itself, not against a pin."""
+    import hashlib
+    import json
+    import shutil
+
+    pack = Path(shutil.copytree(src, dst))
+    passages = pack / "passages.jsonl"
+    passages.write_text(passages.read_text().replace(old, new))
+    manifest = json.loads((pack / "manifest.json").read_text())
+    data = passages.read_bytes()
+    manifest["files"]["passages.jsonl"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+    return pack

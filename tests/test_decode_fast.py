@@ -16,6 +16,6 @@ def test_the_head_dtype_is_the_faster_one_measured_here() -> None:
 
 def test_cpu_flags_are_a_list_of_known_names() -> None:
     flags = cpu_flags()
-    assert isinstance(flags, list) and set(flags) <= {
+    assert isinstance(flags, tuple) and set(flags) <= {
         "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8"
     }  # fmt: skip

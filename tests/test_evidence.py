@@ -185,17 +185,11 @@ def test_no_training_row_retrieves_its_own_case(tmp_path: Path) -> None:
 def test_a_pack_is_pinned_by_a_digest_kept_outside_it(pack_dir: Path, tmp_path: Path) -> None:
     """The probe's attack: passages edited to bad advice and the manifest recomputed, so the pack verifies
     against itself. Pinned (MEDASK_EVIDENCE_SHA256, or the checkpoint naming its pack), it is refused."""
-    import hashlib
+    from tests.conftest import forge_pack
 
     good = EvidencePack.load(pack_dir)
     assert EvidencePack.load(pack_dir, pin=good.pack_sha256).info()["pinned"] is True
-    edited = _copy(pack_dir, tmp_path / "edited")
-    passages = edited / "passages.jsonl"
-    passages.write_text(passages.read_text().replace("dexamethasone", "rest at home and take an antacid"))
-    manifest = json.loads((edited / "manifest.json").read_text())
-    data = passages.read_bytes()
-    manifest["files"]["passages.jsonl"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    edited = forge_pack(pack_dir, tmp_path / "edited", "dexamethasone", "rest at home and take an antacid")
     forged = EvidencePack.load(edited)  # verifies against its own, recomputed manifest...
     assert forged.info()["corpus_sha256"] == good.info()["corpus_sha256"]  # ...and declares the original corpus
     assert forged.pack_sha256 != good.pack_sha256  # but what was loaded has another digest

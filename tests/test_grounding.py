@@ -116,3 +116,13 @@ def test_a_loop_is_shown_once_plain_and_streamed() -> None:
     streamed = "".join(gate.feed(loop[i : i + 9]) for i in range(0, len(loop), 9))
     tail, sg = gate.close(Q)
     assert (streamed + tail).strip() == sg.text == g.text
+
+
+def test_a_stream_cut_inside_a_sentence_keeps_its_spaces() -> None:
+    """Pieces that end in a space mid-sentence, after a complete sentence: no words run together."""
+    gate = SentenceGate(Checker([ANAPHYLAXIS], Q), "strict")
+    pieces = ["Anaphylaxis is a severe allergic reaction to peanuts or bee stings. Treatment is ", "an ",
+              "injection of epinephrine and a trip to an emergency room."]  # fmt: skip
+    text = "".join(gate.feed(p) for p in pieces)
+    tail, g = gate.close(Q)
+    assert "is an injection" in text + tail and "isan" not in g.text

@@ -192,15 +192,9 @@ def test_a_broken_rule_file_or_pack_stops_the_service(
         env["MEDASK_EVIDENCE_DIR"] = str(pack)
         expect = "passages.jsonl"
     elif fault == "forged_pack":  # edited and re-manifested: it verifies against itself, not the checkpoint
-        import hashlib
+        from tests.conftest import forge_pack
 
-        pack = shutil.copytree(ci_pack, tmp_path / "pack")
-        passages = pack / "passages.jsonl"
-        passages.write_text(passages.read_text().replace("pain", "rest at home and take an antacid"))
-        manifest = json.loads((pack / "manifest.json").read_text())
-        data = passages.read_bytes()
-        manifest["files"]["passages.jsonl"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        (pack / "manifest.json").write_text(json.dumps(manifest))
+        pack = forge_pack(ci_pack, tmp_path / "pack", "pain", "rest at home and take an antacid")
         env["MEDASK_EVIDENCE_DIR"] = str(pack)
         expect = "the pack this checkpoint names"
     elif fault == "unpinned_pack":  # a pack that verifies against itself but is not the pinned one

@@ -100,6 +100,22 @@ def test_spacing_and_invisible_characters_change_nothing(layer: SafetyLayer, tex
     )
 
 
+def test_every_labelled_question_reads_the_same_under_spacing_and_invisible_characters() -> None:
+    """Triage decides on the canonical text only, so a rule that fires on a question fires on each of
+    these variants of it: checked on every question of the three labelled sets."""
+    older = [json.loads(line) for line in (DATA.parent / "triage_cases.jsonl").open(encoding="utf-8")]
+    variants = (
+        lambda t: t.replace(" ", "  "),
+        lambda t: t.replace(" ", "\u00a0"),
+        lambda t: t.replace(" ", " \u200b"),
+        lambda t: t.replace(" ", "\n\t"),
+        lambda t: t.replace("e", "e\u00ad"),
+        lambda t: "".join(chr(ord(ch) + 0xFEE0) if "!" <= ch <= "~" else ch for ch in t),
+    )
+    for c in HOLDOUT + TUNE + older:
+        assert all(canonical(v(c["text"])) == canonical(c["text"]) for v in variants), c["text"]
+
+
 def test_canonical_and_folded_text() -> None:
     assert canonical("a\u200b  b\u00a0\u00adc\n\td\ufeff") == "a b c d"
     assert fold("Não CONSIGO respirar") == "nao consigo respirar"
