@@ -69,7 +69,7 @@ def main() -> int:
         port=settings.port,
         log_level="warning",
         access_log=False,
-        log_config=None,  # app.security.configure_logging owns every handler: one JSON line per record
+        log_config=None,  # app.api.security.configure_logging owns every handler: one JSON line per record
         timeout_graceful_shutdown=2,  # the drain has already let work finish; this closes idle connections
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,

@@ -20,13 +20,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine import CheckpointError
+from app.api.openapi import install_openapi
+from app.api.routes import ask, health, openai, score
+from app.api.schemas import UnsupportedParameter
+from app.api.security import Gateway, configure_logging, is_public
+from app.engine.local import CheckpointError
 from app.errors import ApiError, error_body
 from app.metrics import Metrics
-from app.openapi import install_openapi
-from app.routes import ask, health, openai, score
-from app.schemas import UnsupportedParameter
-from app.security import Gateway, configure_logging, is_public
 from app.serving import Serving
 from app.settings import Settings
 

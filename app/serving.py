@@ -21,18 +21,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from app.engine import (
-    CheckpointError,
-    Engine,
-    EngineBase,
-    EngineError,
-    GenerationJob,
-    GenerationResult,
-    SamplingParams,
-    ScoreItem,
-)
-from app.errors import ApiError, error_body
-from app.evidence import (
+from app.api.security import text_digest
+from app.clinical.evidence import (
     DEFAULT_K,
     DEFAULT_MAX_TOKENS,
     PASSAGES,
@@ -42,14 +32,24 @@ from app.evidence import (
     gather,
     load_pack,
 )
-from app.grounding import Checker, Grounding, SentenceGate, ground
+from app.clinical.grounding import Checker, Grounding, SentenceGate, ground
+from app.clinical.prompting import Turn, fit_history
+from app.clinical.quality import Quality, assess, withheld
+from app.clinical.safety import SafetyLayer, SafetyRulesError, Triage, compose
+from app.engine.local import (
+    CheckpointError,
+    Engine,
+    EngineBase,
+    EngineError,
+    GenerationJob,
+    GenerationResult,
+    SamplingParams,
+    ScoreItem,
+)
+from app.engine.policy import DeadlineExceeded, QueueFull
+from app.engine.scheduler import Scheduler
+from app.errors import ApiError, error_body
 from app.metrics import Metrics
-from app.policy import DeadlineExceeded, QueueFull
-from app.prompting import Turn, fit_history
-from app.quality import Quality, assess, withheld
-from app.safety import SafetyLayer, SafetyRulesError, Triage, compose
-from app.scheduler import Scheduler
-from app.security import text_digest
 from app.settings import Settings
 
 DEFAULT_EVIDENCE_DIR = "model_artifacts/evidence"
@@ -169,7 +169,7 @@ class Serving:
     def _load_engine(self) -> EngineBase:
         s = self.settings
         if s.engine == "upstream":
-            from app.upstream import UpstreamEngine  # httpx client and its loop only when asked for
+            from app.engine.upstream import UpstreamEngine  # httpx client and its loop only when asked for
 
             assert s.upstream_url is not None  # the settings refuse upstream without a URL
             return UpstreamEngine.load(

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.prompting import SPECIALTIES
+from app.clinical.prompting import SPECIALTIES
 
 
 class Settings(BaseSettings):
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode: Literal["static", "model"] = Field(
         "static",
-        description="static: app.decode's preallocated KV cache and fused decode step (Llama checkpoints on a CPU; "
+        description="static: app.engine.decode's preallocated KV cache and fused decode step (Llama checkpoints on a CPU; "
         "others fall back); model: the model's own forward with a growing cache (the reference)",
     )
     compile: bool = Field(
@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     )
     evidence_k: int | None = Field(None, ge=1, le=10, description="default: the checkpoint's training contract, else 3")
     evidence_max_tokens: int | None = Field(None, ge=16, le=8192, description="default: the checkpoint's, else 256")
-    safety_rules: Path | None = Field(None, description="triage rule file; default: app/safety_rules.yaml")
+    safety_rules: Path | None = Field(None, description="triage rule file; default: app/clinical/safety_rules.yaml")
     emergency_number: str = Field("911", min_length=1, description="said in emergency advice")
     crisis_line: str = Field("988 (call or text)", min_length=1, description="said in crisis advice")
     emergency_number_pt: str = Field(

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from app.engine import Engine
+    from app.engine.local import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from app.engine import Engine
+    from app.engine.local import Engine
     from benchmarks.common import report
 
     p = argparse.ArgumentParser()

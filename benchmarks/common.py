@@ -19,7 +19,7 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from app.decode import cpu_flags
+    from app.engine.decode import cpu_flags
 
     return {
         "cpu": cpu,
@@ -104,7 +104,7 @@ def decode_rates(engine: Any, prompts: list[list[int]], tokens: int, batch: int 
     benchmark times the same work the same way (prefill included, as a client sees it)."""
     import time
 
-    from app.engine import GenerationJob, SamplingParams
+    from app.engine.local import GenerationJob, SamplingParams
 
     engine.generate([GenerationJob(prompts[0], SamplingParams(8))])  # warm-up: first-call allocations
     rates = []

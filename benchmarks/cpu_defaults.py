@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from app.decode import cpu_flags
-from app.engine import Engine
+from app.engine.decode import cpu_flags
+from app.engine.local import Engine
 from benchmarks.common import decode_rates, heldout_prompts, report
 
 PATHS = ("int4", "bfloat16", "float32")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.evidence import EvidencePack
-from app.scoring import combine
+from app.clinical.evidence import EvidencePack
+from app.clinical.scoring import combine
 from benchmarks.common import report
 from training.config import load_recipe
 from training.data import heldout_rows

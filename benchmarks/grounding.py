@@ -4,7 +4,7 @@ clinician reads, and is every sentence shown checkable?
 For each held-out case (never seen by any training stage; its answer is not in the evidence pack), the
 served prompt is built as the service builds it (role + question + the evidence block), the model
 answers greedily, and the answer is delivered under each grounding mode. Key facts: the conditions,
-drugs and tests the reference answer names (``app.grounding.named_things`` with the pack's condition
+drugs and tests the reference answer names (``app.clinical.grounding.named_things`` with the pack's condition
 names). Reported per mode: the share of key facts found in the delivered text, the support rate of
 the model's sentences, how often the answer came from the model, the evidence or both, citation
 integrity (every ``[n]`` points to a passage given), and the time grounding adds (p50/p99).
@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.engine import Engine, GenerationJob, SamplingParams
-from app.evidence import gather, load_pack
-from app.grounding import ground, named_things
+from app.clinical.evidence import gather, load_pack
+from app.clinical.grounding import ground, named_things
+from app.engine.local import Engine, GenerationJob, SamplingParams
 from benchmarks.common import report
 
 

@@ -109,8 +109,8 @@ def gguf_files(model: str, work: Path) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    from app.engine import open_checkpoint
-    from app.prompting import render_prompt
+    from app.clinical.prompting import render_prompt
+    from app.engine.local import open_checkpoint
     from benchmarks.common import report
     from training.data import heldout_rows
 

@@ -53,9 +53,9 @@ def step_rate(decoder, rows: int, steps: int = 64) -> float:
 def main() -> None:
     import torch
 
-    from app.decode import StaticDecoder
-    from app.engine import Engine
-    from app.scoring import combine
+    from app.clinical.scoring import combine
+    from app.engine.decode import StaticDecoder
+    from app.engine.local import Engine
     from benchmarks.common import report
     from training.data import heldout_rows
     from training.evaluate import score_answers

@@ -35,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def heldout_scores(folder: Path) -> dict[str, float]:
-    from app.scoring import combine
+    from app.clinical.scoring import combine
     from training.data import heldout_rows
     from training.evaluate import load_stage_model, score_answers
 

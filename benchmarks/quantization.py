@@ -40,8 +40,8 @@ def measure(folder: Path, kind: str, tokens: int, repeats: int, rows: int) -> di
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.engine import Engine
-    from app.scoring import combine
+    from app.clinical.scoring import combine
+    from app.engine.local import Engine
     from benchmarks.common import decode_rates, heldout_prompts
     from training.data import heldout_rows
     from training.evaluate import score_answers

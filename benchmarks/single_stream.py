@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from app.engine import Engine, GenerationJob, SamplingParams
+    from app.engine.local import Engine, GenerationJob, SamplingParams
     from benchmarks.common import decode_rates, heldout_prompts, report
 
     p = argparse.ArgumentParser()

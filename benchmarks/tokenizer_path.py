@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 async def measure(engine: object, scheduler: object, args: argparse.Namespace) -> list[dict[str, object]]:
-    from app.engine import GenerationJob, SamplingParams
+    from app.engine.local import GenerationJob, SamplingParams
     from benchmarks.common import heldout_prompts
 
     prompts = heldout_prompts(engine, args.rows)
@@ -46,9 +46,9 @@ async def measure(engine: object, scheduler: object, args: argparse.Namespace) -
 
 
 def main() -> None:
-    from app.engine import Engine
+    from app.engine.local import Engine
+    from app.engine.scheduler import Scheduler
     from app.metrics import Metrics
-    from app.scheduler import Scheduler
     from benchmarks.common import report
 
     p = argparse.ArgumentParser()

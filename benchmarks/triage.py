@@ -4,7 +4,7 @@ language detection accuracy, the classifier's 5-fold cross-validation on its own
 and the latency triage adds per question (p50/p99).
 
 Sets: ``tests/data/triage/holdout.jsonl`` (written before the rules of issue 22, never used to tune),
-``app/triage/tune.jsonl`` (rules and the classifier were developed on it: its numbers are optimistic)
+``app/clinical/triage/tune.jsonl`` (rules and the classifier were developed on it: its numbers are optimistic)
 and the older ``tests/data/triage_cases.jsonl`` (textbook phrasing; its tune part trains the classifier).
 
     python benchmarks/triage.py
@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.safety import SafetyLayer
+from app.clinical.safety import SafetyLayer
 from benchmarks.common import report
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {
     "holdout": ROOT / "tests" / "data" / "triage" / "holdout.jsonl",
-    "tune": ROOT / "app" / "triage" / "tune.jsonl",
+    "tune": ROOT / "app" / "clinical" / "triage" / "tune.jsonl",
     "textbook (older set)": ROOT / "tests" / "data" / "triage_cases.jsonl",
 }
 ALARM = ("emergency", "crisis")
@@ -97,8 +97,8 @@ def classifier_cv(layer: SafetyLayer, folds: int = 5) -> dict[str, object]:
     """The classifier alone, k-fold cross-validated on its own examples, at the rule file's thresholds."""
     import random
 
-    from app.triage.classifier import TriageClassifier, read_examples
-    from app.triage.text import canonical, fold
+    from app.clinical.triage.classifier import TriageClassifier, read_examples
+    from app.clinical.triage.text import canonical, fold
 
     assert layer.rules.classifier is not None
     examples = [e for n in layer.rules.classifier.examples for e in read_examples(layer.source.parent / n)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from app.engine import _merge, select_rows
+from app.engine.local import _merge, select_rows
 
 
 def cache(rows: list[list[float]], layers: int = 2) -> tuple[DynamicCache, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The static decode step (app/decode.py): the same answers as the model's own forward, rows that
+"""The static decode step (app/engine/decode.py): the same answers as the model's own forward, rows that
 join and leave the slots keep theirs, and the compiled step is the eager step."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, supports
-from app.engine import Engine, GenerationJob, SamplingParams, StaticDecodeBatch
+from app.engine.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, supports
+from app.engine.local import Engine, GenerationJob, SamplingParams, StaticDecodeBatch
 
 QUESTIONS = [
     "A 45-year-old woman has fatigue and weight gain. What next?",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app.decode import choose_head_dtype, cpu_flags
+from app.engine.decode import choose_head_dtype, cpu_flags
 
 
 def test_the_head_dtype_is_the_faster_one_measured_here() -> None:

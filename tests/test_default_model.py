@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from app.evidence import EvidencePack
+from app.clinical.evidence import EvidencePack
 from app.manifest import read_manifest, verify_checkpoint
 from tests.conftest import ROOT
 
@@ -33,7 +33,7 @@ def test_heldout_bits_per_byte_reproduce(tmp_path: Path) -> None:
     """Recompute a sample of held-out rows and compare with the manifest's numbers for the same rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.scoring import combine
+    from app.clinical.scoring import combine
     from training.data import heldout_rows
     from training.evaluate import score_answers
     from training.evidence import CasePrompter

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine import Engine, GenerationJob, SamplingParams
+from app.engine.local import Engine, GenerationJob, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_batched_rows_match_solo_runs(engine: Engine) -> None:
 
 def test_logprobs_are_the_model_scores_of_its_answer(engine: Engine) -> None:
     """The perplexity /ask reports equals teacher-forced scoring of the same tokens afterwards."""
-    from app.scoring import score_encoded
+    from app.clinical.scoring import score_encoded
 
     job = GenerationJob(engine.encode_question(QUESTIONS[0], "Endocrinologist"), SamplingParams(max_new_tokens=10))
     res = engine.generate([job])[0]

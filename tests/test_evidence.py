@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.evidence import EvidenceError, EvidencePack, Passage, evidence_block, gather
+from app.clinical.evidence import EvidenceError, EvidencePack, Passage, evidence_block, gather
 from training.data import heldout_ids, heldout_rows, train_rows
 from training.evidence import CasePrompter, build_pack, default_corpus, read_corpus
 

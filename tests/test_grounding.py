@@ -1,10 +1,10 @@
-"""Sentence-level grounding (app/grounding.py): fast, no model."""
+"""Sentence-level grounding (app/clinical/grounding.py): fast, no model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.grounding import Checker, SentenceGate, ground, named_things, split_sentences
+from app.clinical.grounding import Checker, SentenceGate, ground, named_things, split_sentences
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from app.prompting import render_prompt
+from app.clinical.prompting import render_prompt
 from tests.conftest import API_KEYS, ROOT, Server, start_server, stop_server
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from app.prompting import render_prompt, system_instruction
+from app.clinical.prompting import render_prompt, system_instruction
 from tests.conftest import API_KEYS, Server, start_server, stop_server
 
 openai = pytest.importorskip("openai")

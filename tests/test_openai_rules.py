@@ -7,11 +7,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.engine import GenerationJob, SamplingParams, _find_stop, _penalised, _Row
+from app.api.routes.openai import conversation
+from app.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, UnsupportedParameter
+from app.clinical.prompting import CHAT_TEMPLATE, fit_history, render_prompt
+from app.engine.local import GenerationJob, SamplingParams, _find_stop, _penalised, _Row
 from app.errors import ApiError
-from app.prompting import CHAT_TEMPLATE, fit_history, render_prompt
-from app.routes.openai import conversation
-from app.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, UnsupportedParameter
 
 
 def test_stop_is_found_where_it_begins_and_only_in_new_text() -> None:

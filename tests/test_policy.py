@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.policy import Kind, Policy, QueueFull, Work
+from app.engine.policy import Kind, Policy, QueueFull, Work
 
 
 def gen(key: str | None = None, cost: int = 10, at: float = 0.0, deadline: float = float("inf")) -> Work:

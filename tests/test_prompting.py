@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.prompting import MARKER_TOKENS, SPECIALTIES, render_prompt, role_problem
+from app.clinical.prompting import MARKER_TOKENS, SPECIALTIES, render_prompt, role_problem
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.quality import assess, longest_loop, percentile, repetition, withheld, words
+from app.clinical.quality import assess, longest_loop, percentile, repetition, withheld, words
 from training.data import load_medtext
 
 SHIPPED = [json.loads(line) for line in (Path(__file__).parent / "data" / "shipped_answers.jsonl").open()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.safety import RULES_PATH, SafetyLayer, SafetyRulesError, compose
+from app.clinical.safety import RULES_PATH, SafetyLayer, SafetyRulesError, compose
 
 CASES = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_cases.jsonl").open()]
 RECALL_TARGET = 0.95

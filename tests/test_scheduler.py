@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from app.engine import GenerationJob, GenerationResult, SamplingParams
+from app.engine.local import GenerationJob, GenerationResult, SamplingParams
+from app.engine.policy import DeadlineExceeded, QueueFull
+from app.engine.scheduler import Scheduler
 from app.metrics import Metrics
-from app.policy import DeadlineExceeded, QueueFull
-from app.scheduler import Scheduler
 
 
 class FakeEngine:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from app.prompting import build_messages, render_prompt, role_problem
-from app.scoring import Score, chosen_logprobs, combine, count_words, encode_for_scoring
+from app.clinical.prompting import build_messages, render_prompt, role_problem
+from app.clinical.scoring import Score, chosen_logprobs, combine, count_words, encode_for_scoring
 
 
 def test_units_follow_lm_eval_conventions() -> None:

@@ -226,8 +226,8 @@ def test_perplexity_endpoint_agrees_with_evaluation(server: Server, ci_checkpoin
     """The endpoint and the training report use the same math on the same prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.prompting import render_prompt
-    from app.scoring import score_texts
+    from app.clinical.prompting import render_prompt
+    from app.clinical.scoring import score_texts
     from training.data import heldout_rows, role_for_case
 
     row = heldout_rows()[0]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from app.safety import SafetyLayer
-from app.triage.findings import extract
-from app.triage.text import Speller, canonical, fold
+from app.clinical.safety import SafetyLayer
+from app.clinical.triage.findings import extract
+from app.clinical.triage.text import Speller, canonical, fold
 
 DATA = Path(__file__).parent / "data" / "triage"
 HOLDOUT = [json.loads(line) for line in (DATA / "holdout.jsonl").open(encoding="utf-8")]
-TUNE = [json.loads(line) for line in (Path(__file__).parents[1] / "app" / "triage" / "tune.jsonl").open()]
+TUNE = [json.loads(line) for line in (Path(__file__).parents[1] / "app" / "clinical" / "triage" / "tune.jsonl").open()]
 ALARM = ("emergency", "crisis")
 
 

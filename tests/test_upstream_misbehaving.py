@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from app.engine import GenerationJob, SamplingParams
+from app.engine.local import GenerationJob, SamplingParams
+from app.engine.upstream import UpstreamEngine, UpstreamError
 from app.metrics import Metrics
-from app.upstream import UpstreamEngine, UpstreamError
 from benchmarks.common import free_port
 
 KEY = "sk-upstream-secret-42"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from app.engine.upstream import finish_of, log_excerpt, prompt_entries, redact_url, split_logprobs, sse_payloads
 from app.settings import Settings
-from app.upstream import finish_of, log_excerpt, prompt_entries, redact_url, split_logprobs, sse_payloads
 
 
 def test_an_eos_entry_is_split_off_a_stopped_completion() -> None:

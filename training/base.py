@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from app.prompting import CHAT_TEMPLATE, MARKER_TOKENS
+from app.clinical.prompting import CHAT_TEMPLATE, MARKER_TOKENS
 from training.config import BuildSection
 from training.data import medquad_texts, medtext_train_texts
 from training.stages import Stage, progress_interval, write_json

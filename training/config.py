@@ -85,7 +85,7 @@ class DataSection(_Section):
 
 class EvidenceSection(_Section):
     """Retrieval-augmented training: each example's prompt carries the evidence block that
-    app.evidence retrieves for it (never its own case), exactly as the service will."""
+    app.clinical.evidence retrieves for it (never its own case), exactly as the service will."""
 
     enabled: bool = False
     k: int = Field(3, ge=1, le=10)

@@ -1,7 +1,7 @@
 """Held-out evaluation of every stage, the report and its plots.
 
-All numbers come from ``app.scoring`` on the held-out split, with the prompt
-built by ``app.prompting``: exactly what the service's /perplexity endpoint
+All numbers come from ``app.clinical.scoring`` on the held-out split, with the prompt
+built by ``app.clinical.prompting``: exactly what the service's /perplexity endpoint
 computes. DPO reward accuracy uses held-out *mismatched* pairs (never seen in
 training) with the SFT model as reference, as DPO's implicit reward defines it.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from app.scoring import Score, combine, score_texts
+from app.clinical.scoring import Score, combine, score_texts
 from training.config import Recipe
 from training.data import MedTextRow, heldout_rows, role_for_case
 from training.evidence import CasePrompter, case_prompter
@@ -149,7 +149,7 @@ def _heldout_generations(
 ) -> list[dict[str, Any]]:
     """The published model's greedy answer to every held-out question, with its perplexity
     (teacher-forced, as the service reports it) and the quality gate's verdict."""
-    from app.quality import assess
+    from app.clinical.quality import assess
 
     max_new = recipe.evaluate.sample_max_new_tokens
     tokenizer.padding_side = "left"
@@ -189,7 +189,7 @@ def _heldout_generations(
 def _evidence_summary(recipe: Recipe, work: Path, rows: list[MedTextRow]) -> dict[str, Any] | None:
     if not recipe.evidence.enabled:
         return None
-    from app.evidence import EvidencePack
+    from app.clinical.evidence import EvidencePack
     from training.evidence import retrieval_quality
 
     pack = EvidencePack.load(work / "evidence" / "pack")
@@ -316,7 +316,7 @@ def _evidence_lines(ev: dict[str, Any] | None, stages: dict[str, Any]) -> list[s
         "## Evidence (retrieval-augmented training and serving)",
         "",
         f"Each prompt carries the top {ev['k']} passages (one per document, at most {ev['max_tokens']} tokens) that "
-        f"`app/evidence.py` retrieves for role + question from the pack `{ev['pack']['name']}` "
+        f"`app/clinical/evidence.py` retrieves for role + question from the pack `{ev['pack']['name']}` "
         f"({ev['pack']['documents']} documents, {ev['pack']['passages']} passages: "
         + ", ".join(f"{k} {v}" for k, v in (ev["pack"]["sources"] or {}).items())
         + "); a training row never retrieves its own case, and no held-out row is in the pack.",
@@ -342,7 +342,7 @@ def _gate_line(gen: dict[str, Any]) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(gen["degenerate_reasons"].items())) or "none"
     return (
         f"The published model's greedy answers (up to {gen['max_new_tokens']} tokens) to all {gen['rows']} held-out "
-        f"questions: {gen['degenerate_rate']:.1%} degenerate by `app/quality.py` (reasons: {reasons}); the service "
+        f"questions: {gen['degenerate_rate']:.1%} degenerate by `app/clinical/quality.py` (reasons: {reasons}); the service "
         "withholds such answers. Their perplexities (median "
         f"{pp[len(pp) // 2]:.2f}, 10th-90th percentile {pp[len(pp) // 10]:.2f}-{pp[(len(pp) * 9) // 10]:.2f}) are "
         "the reference each served answer's `quality.perplexity_percentile` is measured against. A low perplexity "
@@ -360,7 +360,7 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
         f"Every number below is measured on the **held-out split** ({result['eval_rows']} of "
         f"{result['heldout_rows_total']} held-out MedText rows; no stage saw them: not the tokenizer, "
         "pretraining, SFT, DPO or GPTQ calibration). Perplexity is *conditional*: the gold answer's "
-        "tokens given the role prompt and the question, computed by `app/scoring.py` "
+        "tokens given the role prompt and the question, computed by `app/clinical/scoring.py` "
         "(lm-evaluation-harness conventions: word perplexity per whitespace word, bits per UTF-8 byte).",
         "",
         "## Held-out metrics by stage",

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from app.evidence import INDEX_DIR, PASSAGES, STOPWORDS
+from app.clinical.evidence import INDEX_DIR, PASSAGES, STOPWORDS
 from app.manifest import MANIFEST, file_digests, read_manifest, verify_folder
 from training.data import MEDQUAD_PATH, _normalise_ws, contains_heldout, train_rows
 
@@ -250,7 +250,7 @@ class CasePrompter:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def evidence(self, row: Any) -> tuple[list[Any], str]:
-        from app.evidence import gather
+        from app.clinical.evidence import gather
         from training.data import role_for_case
 
         return gather(
@@ -267,7 +267,7 @@ def case_prompter(tokenizer: Any, recipe: Any, work: Path | None) -> CasePrompte
     """The recipe's prompter: with the run's evidence pack when ``evidence.enabled``."""
     if not recipe.evidence.enabled or work is None:
         return CasePrompter(tokenizer)
-    from app.evidence import EvidencePack
+    from app.clinical.evidence import EvidencePack
 
     pack = EvidencePack.load(Path(work) / "evidence" / "pack")
     return CasePrompter(tokenizer, pack, recipe.evidence.k, recipe.evidence.max_tokens)
@@ -280,7 +280,7 @@ def retrieval_quality(pack: Any, rows: list[Any], k: int = 5) -> dict[str, Any]:
     Also the retrieval latency per query."""
     import time
 
-    from app.evidence import query_for
+    from app.clinical.evidence import query_for
     from training.data import role_for_case
 
     focuses = sorted({f.lower() for p in pack.passages for f in p.focus if p.source == "MedQuAD" and len(f) >= 5})

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from app.prompting import CHAT_TEMPLATE
+from app.clinical.prompting import CHAT_TEMPLATE
 from training.config import Recipe
 from training.stages import write_json
 

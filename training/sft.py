@@ -1,7 +1,7 @@
 """Supervised fine-tuning on the MedText train split (TRL SFTTrainer).
 
 Examples are prompt/completion pairs: the prompt is the role prompt built by
-``app.prompting`` with a role that fits the case, and the loss falls on the
+``app.clinical.prompting`` with a role that fits the case, and the loss falls on the
 answer tokens only (TRL's completion_only_loss).
 """
 

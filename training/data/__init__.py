@@ -258,14 +258,14 @@ def case_prompt(tokenizer: object, row: MedTextRow, evidence: str = "") -> str:
     """The prompt a MedText case is trained, calibrated, evaluated and served under:
     its question, asked in the role of the specialty that fits it, after its evidence
     block when the recipe retrieves evidence (training.evidence.CasePrompter)."""
-    from app.prompting import render_prompt
+    from app.clinical.prompting import render_prompt
 
     return render_prompt(tokenizer, row.prompt, role_for_case(row.prompt), evidence)
 
 
 def role_for_case(text: str) -> str:
     """The specialty that fits a case, by keyword; General Practitioner otherwise."""
-    from app.prompting import DEFAULT_ROLE
+    from app.clinical.prompting import DEFAULT_ROLE
 
     low = text.lower()
     for role, words in _ROLE_KEYWORDS:

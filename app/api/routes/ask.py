@@ -7,13 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.engine import GenerationResult, SamplingParams
-from app.evidence import Passage
-from app.grounding import Grounding
-from app.quality import Quality
-from app.routes import ERRORS, STREAMED, ServingDep
-from app.safety import Triage
-from app.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
+from app.api.routes import ERRORS, STREAMED, ServingDep
+from app.api.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
+from app.clinical.evidence import Passage
+from app.clinical.grounding import Grounding
+from app.clinical.quality import Quality
+from app.clinical.safety import Triage
+from app.engine.local import GenerationResult, SamplingParams
 from app.serving import Serving, new_id, sse
 
 router = APIRouter(tags=["clinical"])

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from app.api.routes import ServingDep
 from app.errors import error_body
 from app.metrics import CONTENT_TYPE
-from app.routes import ServingDep
 
 router = APIRouter(tags=["operations"])
 

@@ -1,7 +1,7 @@
 """What runs next: the scheduling policy as a pure state machine (no threads, no model).
 
 In the spirit of vLLM's scheduler, the policy only decides; the worker thread in
-app.scheduler is a thin shell that asks it what to run and delivers results.
+app.engine.scheduler is a thin shell that asks it what to run and delivers results.
 Being pure, every rule below is tested without a model (tests/test_policy.py).
 
 Rules:

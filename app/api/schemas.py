@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.prompting import DEFAULT_ROLE, MAX_ROLE_CHARS, role_problem
-from app.triage.text import is_blank
+from app.clinical.prompting import DEFAULT_ROLE, MAX_ROLE_CHARS, role_problem
+from app.clinical.triage.text import is_blank
 
 MAX_QUESTION_CHARS = 4000
 MAX_TEXT_CHARS = 20000

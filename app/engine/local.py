@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from app.decode import MAX_STATIC_CACHE_BYTES, SMALL_ROWS, StaticDecoder, cache_bytes, cpu_flags, supports
+from app.clinical.prompting import Turn, render_prompt
+from app.clinical.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
+from app.engine.decode import MAX_STATIC_CACHE_BYTES, SMALL_ROWS, StaticDecoder, cache_bytes, cpu_flags, supports
 from app.manifest import read_manifest, verify_checkpoint
-from app.prompting import Turn, render_prompt
-from app.scoring import Score, chosen_logprobs, score_from_logprobs, score_texts
 
 log = logging.getLogger("medask.engine")
 
@@ -155,7 +155,7 @@ class EngineBase:
     """What every engine shares: the checkpoint's tokenizer, chat template, manifest and limits.
 
     The service renders, counts and checks every prompt itself, whoever computes it: this
-    process (``Engine``) or an upstream OpenAI-compatible server (``app.upstream``). The
+    process (``Engine``) or an upstream OpenAI-compatible server (``app.engine.upstream``). The
     scheduler asks an engine for ``generate``, ``score`` and ``prompt_logprobs``.
 
     Threads: ``tokenizer`` belongs to the scheduler's worker thread. Routes encode and decode
@@ -202,7 +202,7 @@ class EngineBase:
         return len(self.encode(text))
 
     def encode(self, text: str) -> list[int]:
-        # special tokens come from the chat template (see app.prompting)
+        # special tokens come from the chat template (see app.clinical.prompting)
         return self.front(text, add_special_tokens=False)["input_ids"]
 
     # ---- what the scheduler asks (worker thread) -------------------------------
@@ -302,7 +302,7 @@ class Engine(EngineBase):
         self.model = model
         self.device = device
         self.kernel = _kernel_name(model)
-        # the static decode step (app.decode), set up by ``use_static_decoder``; None: the model's forward
+        # the static decode step (app.engine.decode), set up by ``use_static_decoder``; None: the model's forward
         self.decoder: StaticDecoder | None = None
         self.decode_note = "the model's own forward (static decode step not set up)"
         # rows can join a running batch only when every layer's KV cache simply grows
@@ -320,7 +320,7 @@ class Engine(EngineBase):
         prompt_weights: str = "bfloat16",
         dense_bytes: int = 1 << 30,
     ) -> float:
-        """Decode with app.decode's static KV cache and fused step (compiled if asked), when this
+        """Decode with app.engine.decode's static KV cache and fused step (compiled if asked), when this
         model allows it; returns the seconds spent setting up (and compiling)."""
         reason = supports(self.model)
         if reason is None and (need := cache_bytes(self.model.config, max_rows)) > MAX_STATIC_CACHE_BYTES:
@@ -721,7 +721,7 @@ def _kernel_name(model: Any) -> str:
 
 
 class StaticDecodeBatch:
-    """``DecodeBatch``'s contract on app.decode's static KV cache: the running rows are slots
+    """``DecodeBatch``'s contract on app.engine.decode's static KV cache: the running rows are slots
     ``0..n-1``; a new row's prompt runs into the next free slot; a row that ends is replaced by
     the last one (one row's cache moved, nothing concatenated)."""
 

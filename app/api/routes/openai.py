@@ -3,7 +3,7 @@
 
 Chat: the system (or developer) message is the role ("Cardiologist" or "act as
 a Cardiologist"), the last user message is the question, and the turns before
-it are the conversation, all rendered by app.prompting like /ask. Completions:
+it are the conversation, all rendered by app.clinical.prompting like /ask. Completions:
 raw text or token ids, no template; ``echo`` + ``logprobs`` scores the prompt
 (log-likelihood requests), and a generation that ends on end-of-sequence reports
 that token's entry, as vLLM does.
@@ -19,11 +19,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.engine import EngineBase, GenerationResult, PromptLogprobs, SamplingParams
-from app.errors import ApiError
-from app.prompting import DEFAULT_ROLE, Turn, role_problem
-from app.routes import ERRORS, STREAMED, ServingDep
-from app.schemas import (
+from app.api.routes import ERRORS, STREAMED, ServingDep
+from app.api.schemas import (
     MAX_QUESTION_CHARS,
     ChatChoice,
     ChatCompletionRequest,
@@ -36,6 +33,9 @@ from app.schemas import (
     ModelList,
     openai_usage,
 )
+from app.clinical.prompting import DEFAULT_ROLE, Turn, role_problem
+from app.engine.local import EngineBase, GenerationResult, PromptLogprobs, SamplingParams
+from app.errors import ApiError
 from app.serving import Serving, new_id, sse
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -6,11 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.engine import ScoreItem
-from app.prompting import render_prompt
-from app.routes import ERRORS, ServingDep
-from app.schemas import PerplexityRequest, PerplexityResponse, PerplexityResult
-from app.scoring import encode_for_scoring
+from app.api.routes import ERRORS, ServingDep
+from app.api.schemas import PerplexityRequest, PerplexityResponse, PerplexityResult
+from app.clinical.prompting import render_prompt
+from app.clinical.scoring import encode_for_scoring
+from app.engine.local import ScoreItem
 from app.serving import EVIDENCE_FRAME_TOKENS
 
 router = APIRouter(tags=["scoring"])

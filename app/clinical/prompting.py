@@ -103,7 +103,7 @@ def defuse_markers(text: str) -> str:
 
 def user_turn(question: str, evidence: str = "") -> str:
     """The user message: the question, after the evidence block when there is one
-    (built by app.evidence.evidence_block; numbered like the citations)."""
+    (built by app.clinical.evidence.evidence_block; numbered like the citations)."""
     question = defuse_markers(question.strip())
     if not evidence:
         return question

@@ -1,6 +1,6 @@
 """Red-flag triage and scope: a deterministic layer that holds whatever model is behind it.
 
-Runs on the question *before* generation, in four steps, each its own module under ``app/triage/``:
+Runs on the question *before* generation, in four steps, each its own module under ``app/clinical/triage/``:
 
 1. **Canonical text** (``text``): NFKC, invisible characters removed, whitespace collapsed; then
    folded (lower case, no accents) with texting forms expanded per language.
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.triage import language as lang_detect
-from app.triage.classifier import TriageClassifier, read_examples
-from app.triage.findings import Findings, extract
-from app.triage.rules import ContextTerms, Language, RuleFile, SafetyRulesError, read
-from app.triage.text import Speller, canonical, expand, fold
+from app.clinical.triage import language as lang_detect
+from app.clinical.triage.classifier import TriageClassifier, read_examples
+from app.clinical.triage.findings import Findings, extract
+from app.clinical.triage.rules import ContextTerms, Language, RuleFile, SafetyRulesError, read
+from app.clinical.triage.text import Speller, canonical, expand, fold
 
 __all__ = ["RULES_PATH", "SafetyLayer", "SafetyRulesError", "Triage", "compose"]
 

@@ -1,6 +1,6 @@
 """The triage rule file's schema: validated at start, so a broken file is a clear error, never a gap.
 
-The file (``app/safety_rules.yaml``) is a clinical artifact: versioned, reviewable without code,
+The file (``app/clinical/safety_rules.yaml``) is a clinical artifact: versioned, reviewable without code,
 every threshold with its source. It holds, per language, what people write (concepts as phrase
 patterns, context cues for NegEx, texting forms, scope words, the fixed advice in that language),
 and, for all languages, the findings (measurements with danger-zone thresholds) and the
@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.triage.findings import MEASURES
+from app.clinical.triage.findings import MEASURES
 
 LEVELS = ("emergency", "crisis", "urgent")
 

@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.schemas import ErrorResponse
-from app.security import PROBES
+from app.api.schemas import ErrorResponse
+from app.api.security import PROBES
 
 _REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _JSON_ERROR = {"application/json": {"schema": _REF}}

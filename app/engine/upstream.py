@@ -37,7 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from app.engine import (
+from app.clinical.scoring import Score, score_from_logprobs
+from app.engine.local import (
     EngineBase,
     EngineError,
     GenerationJob,
@@ -48,7 +49,6 @@ from app.engine import (
     text_offsets,
 )
 from app.metrics import Metrics
-from app.scoring import Score, score_from_logprobs
 
 log = logging.getLogger("medask.upstream")
 

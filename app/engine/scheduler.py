@@ -1,4 +1,4 @@
-"""The worker thread in front of the one engine: a thin shell around app.policy.
+"""The worker thread in front of the one engine: a thin shell around app.engine.policy.
 
 A single worker thread owns the model (and the engine's tokenizer), so generation
 never blocks the event loop and the model is never called from two threads. The
@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.engine import EngineBase, EngineError, GenerationJob, GenerationResult, ScoreItem
+from app.clinical.scoring import Score
+from app.engine.local import EngineBase, EngineError, GenerationJob, GenerationResult, ScoreItem
+from app.engine.policy import DeadlineExceeded, Kind, Policy, QueueFull, Work
 from app.metrics import Metrics
-from app.policy import DeadlineExceeded, Kind, Policy, QueueFull, Work
-from app.scoring import Score
 
 __all__ = ["QueueFull", "Scheduler"]
 

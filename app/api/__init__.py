@@ -1,0 +1,1 @@
+"""The HTTP door: routes, request and response models, streaming, the gateway middleware, the OpenAPI document."""

@@ -1,0 +1,1 @@
+"""Computing answers: the local engine and its decode step, the upstream engine, the scheduler and its policy."""
