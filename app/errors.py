@@ -39,3 +39,13 @@ def error_body(type_: str, message: str, param: str | None = None, code: str | N
 def error_bytes(type_: str, message: str, param: str | None = None) -> bytes:
     """The body as bytes, for the ASGI middleware that answers before any route runs."""
     return json.dumps(error_body(type_, message, param)).encode()
+
+
+def shutting_down() -> ApiError:
+    """What work still waiting is told once the drain period is over (and new work while draining)."""
+    return ApiError(
+        503,
+        "shutting_down",
+        "the server is shutting down; retry (another replica will answer)",
+        headers={"Retry-After": "1"},
+    )

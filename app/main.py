@@ -20,11 +20,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.openai_schemas import UnsupportedParameter
 from app.api.openapi import install_openapi
 from app.api.routes import ask, health, openai, score
-from app.api.schemas import UnsupportedParameter
 from app.api.security import Gateway, configure_logging, is_public
-from app.engine.local import CheckpointError
+from app.engine.base import CheckpointError
 from app.errors import ApiError, error_body
 from app.metrics import Metrics
 from app.serving import Serving

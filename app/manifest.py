@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,64 @@ def verify_folder(folder: Path, required: tuple[str, ...], what: str, weights: b
             kind = "symbolic link" if path.is_symlink() else "file"
             problems.append(f"{rel} is a {kind} the manifest does not list (refused: loaders would read it)")
     return problems
+
+
+# ---- the serving contract: what the service must know to serve as the model was trained ---------
+SERVING = "serving"
+
+
+@dataclass(frozen=True)
+class ServingContract:
+    """What a checkpoint tells the service, typed, in one place (``manifest["serving"]``).
+
+    Checkpoints published before the block existed carry the same facts in older places (the recipe's
+    ``evidence`` and ``heldout_generation.perplexities``); ``serving_contract`` reads them from there.
+    """
+
+    evidence_k: int | None = None  # passages per prompt the model was trained and evaluated with
+    evidence_max_tokens: int | None = None  # the evidence block's token budget
+    # held-out answers' perplexities: the quality gate places each served answer among them
+    reference_perplexities: tuple[float, ...] = ()
+    prompt_format: str | None = None  # the prompt layout the model was trained on (app.clinical.prompting)
+    source: str = "none"  # "manifest", "legacy" (read from the older places) or "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "evidence_k": self.evidence_k,
+            "evidence_max_tokens": self.evidence_max_tokens,
+            "reference_perplexities": list(self.reference_perplexities),
+            "prompt_format": self.prompt_format,
+        }
+
+
+def serving_contract(manifest: dict[str, Any]) -> ServingContract:
+    """The checkpoint's serving contract: the typed block, else the older places, else empty."""
+    block = manifest.get(SERVING)
+    if isinstance(block, dict):
+        return ServingContract(
+            evidence_k=_int(block.get("evidence_k")),
+            evidence_max_tokens=_int(block.get("evidence_max_tokens")),
+            reference_perplexities=_floats(block.get("reference_perplexities")),
+            prompt_format=block.get("prompt_format") if isinstance(block.get("prompt_format"), str) else None,
+            source="manifest",
+        )
+    trained = (manifest.get("recipe") or {}).get("evidence") or {}
+    reference = (manifest.get("heldout_generation") or {}).get("perplexities")
+    if not trained and not reference:
+        return ServingContract()
+    return ServingContract(
+        evidence_k=_int(trained.get("k")),
+        evidence_max_tokens=_int(trained.get("max_tokens")),
+        reference_perplexities=_floats(reference),
+        source="legacy",
+    )
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else None
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(float(v) for v in value if isinstance(v, int | float) and not isinstance(v, bool))

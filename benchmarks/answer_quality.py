@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.clinical.quality import assess
-from app.engine.local import Engine, GenerationJob, SamplingParams
+from app.engine.base import GenerationJob, SamplingParams
+from app.engine.local import Engine
 from benchmarks.common import report
 from training.data import heldout_rows, role_for_case
 

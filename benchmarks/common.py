@@ -104,7 +104,7 @@ def decode_rates(engine: Any, prompts: list[list[int]], tokens: int, batch: int 
     benchmark times the same work the same way (prefill included, as a client sees it)."""
     import time
 
-    from app.engine.local import GenerationJob, SamplingParams
+    from app.engine.base import GenerationJob, SamplingParams
 
     engine.generate([GenerationJob(prompts[0], SamplingParams(8))])  # warm-up: first-call allocations
     rates = []

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.clinical.evidence import gather, load_pack
 from app.clinical.grounding import ground, named_things
-from app.engine.local import Engine, GenerationJob, SamplingParams
+from app.engine.base import GenerationJob, SamplingParams
+from app.engine.local import Engine
 from benchmarks.common import report
 
 

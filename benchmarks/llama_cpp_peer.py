@@ -110,7 +110,7 @@ def gguf_files(model: str, work: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     from app.clinical.prompting import render_prompt
-    from app.engine.local import open_checkpoint
+    from app.engine.base import open_checkpoint
     from benchmarks.common import report
     from training.data import heldout_rows
 

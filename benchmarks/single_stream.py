@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from app.engine.local import Engine, GenerationJob, SamplingParams
+    from app.engine.base import GenerationJob, SamplingParams
+    from app.engine.local import Engine
     from benchmarks.common import decode_rates, heldout_prompts, report
 
     p = argparse.ArgumentParser()

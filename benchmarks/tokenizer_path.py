@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 async def measure(engine: object, scheduler: object, args: argparse.Namespace) -> list[dict[str, object]]:
-    from app.engine.local import GenerationJob, SamplingParams
+    from app.engine.base import GenerationJob, SamplingParams
     from benchmarks.common import heldout_prompts
 
     prompts = heldout_prompts(engine, args.rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from app.engine.local import _merge, select_rows
+from app.engine.batch import merge, select_rows
 
 
 def cache(rows: list[list[float]], layers: int = 2) -> tuple[DynamicCache, torch.Tensor]:
@@ -30,7 +30,7 @@ def row_values(c: DynamicCache, mask: torch.Tensor, i: int, layer: int = 0) -> l
 def test_merge_left_pads_both_sides_and_keeps_every_row() -> None:
     c1, m1 = cache([[1, 2, 3], [4, 5]])
     c2, m2 = cache([[7, 8, 9, 10, 11]])
-    merged, mask = _merge(c1, m1, c2, m2)
+    merged, mask = merge(c1, m1, c2, m2)
     assert mask.shape == (3, 5)
     assert [row_values(merged, mask, i) for i in range(3)] == [[1, 2, 3], [4, 5], [7, 8, 9, 10, 11]]
     for layer in merged.layers:
@@ -50,6 +50,6 @@ def test_select_keeps_rows_in_order_and_trims_padding_no_row_needs() -> None:
 def test_merge_then_select_round_trip() -> None:
     c1, m1 = cache([[1, 2]])
     c2, m2 = cache([[3, 4, 5, 6]])
-    merged, mask = _merge(c1, m1, c2, m2)
+    merged, mask = merge(c1, m1, c2, m2)
     back, bmask = select_rows(merged, mask, [0])
     assert bmask.tolist() == [[1, 1]] and row_values(back, bmask, 0) == [1, 2]

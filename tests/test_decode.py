@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from app.engine.base import GenerationJob, SamplingParams
+from app.engine.batch import StaticDecodeBatch
 from app.engine.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, supports
-from app.engine.local import Engine, GenerationJob, SamplingParams, StaticDecodeBatch
+from app.engine.local import Engine
 
 QUESTIONS = [
     "A 45-year-old woman has fatigue and weight gain. What next?",

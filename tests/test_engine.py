@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.local import Engine, GenerationJob, SamplingParams
+from app.engine.base import GenerationJob, SamplingParams
+from app.engine.local import Engine
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,30 @@ import torch
 from pydantic import ValidationError
 
 from app.api.routes.openai import conversation
-from app.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, UnsupportedParameter
+from app.api.openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, UnsupportedParameter
 from app.clinical.prompting import CHAT_TEMPLATE, fit_history, render_prompt
-from app.engine.local import GenerationJob, SamplingParams, _find_stop, _penalised, _Row
+from app.engine.base import GenerationJob, SamplingParams
+from app.engine.sampling import Row, find_stop, penalised
 from app.errors import ApiError
 
 
 def test_stop_is_found_where_it_begins_and_only_in_new_text() -> None:
-    assert _find_stop("abc STOP def", ("STOP",), 0) == 4
-    assert _find_stop("abc STOP def", ("def", "STOP"), 0) == 4  # the earliest of several
-    assert _find_stop("abcdef", ("xyz",), 0) is None
+    assert find_stop("abc STOP def", ("STOP",), 0) == 4
+    assert find_stop("abc STOP def", ("def", "STOP"), 0) == 4  # the earliest of several
+    assert find_stop("abcdef", ("xyz",), 0) is None
     # text streamed already was searched then; a stop reaching into new text is still found
-    assert _find_stop("abcSTO" + "P", ("STOP",), 5) == 3
+    assert find_stop("abcSTO" + "P", ("STOP",), 5) == 3
 
 
 def test_penalties_are_openai_semantics() -> None:
     logits = torch.zeros(6)
-    row = _Row(GenerationJob([1], SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)), torch.Generator())
+    row = Row(GenerationJob([1], SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)), torch.Generator())
     row.ids = [2, 2, 2, 4]
-    out = _penalised(logits, row)
+    out = penalised(logits, row)
     assert out.tolist() == [0.0, 0.0, -2.5, 0.0, -1.5, 0.0]
     assert logits.tolist() == [0.0] * 6  # the raw logits (reported log-probs) are untouched
     row.job = GenerationJob([1], SamplingParams())
-    assert _penalised(logits, row) is logits
+    assert penalised(logits, row) is logits
 
 
 def test_history_is_cut_from_the_oldest_and_never_starts_with_an_answer() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.engine.local import GenerationJob, GenerationResult, SamplingParams
+from app.engine.base import GenerationJob, GenerationResult, SamplingParams
 from app.engine.policy import DeadlineExceeded, QueueFull
 from app.engine.scheduler import Scheduler
 from app.metrics import Metrics

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from app.engine.local import GenerationJob, SamplingParams
+from app.engine.base import GenerationJob, SamplingParams
 from app.engine.upstream import UpstreamEngine, UpstreamError
 from app.metrics import Metrics
 from benchmarks.common import free_port

@@ -16,7 +16,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from app.manifest import MANIFEST, file_digests, read_manifest, sha256_file, verify_checkpoint
+from app.clinical.prompting import PROMPT_FORMAT
+from app.manifest import (
+    MANIFEST,
+    SERVING,
+    ServingContract,
+    file_digests,
+    read_manifest,
+    sha256_file,
+    verify_checkpoint,
+)
 from training.config import Recipe
 from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
 from training.registry import STAGES, published_stage
@@ -186,6 +195,13 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
         # the evidence contract the model was trained under (k, token budget, which pack) and retrieval quality
         "evidence": metrics.get("evidence"),
         "dpo": metrics.get("dpo"),
+        # what the service reads to serve as the model was trained and evaluated (app.manifest.ServingContract)
+        SERVING: ServingContract(
+            evidence_k=recipe.evidence.k,
+            evidence_max_tokens=recipe.evidence.max_tokens,
+            reference_perplexities=tuple((metrics.get("heldout_generation") or {}).get("perplexities") or ()),
+            prompt_format=PROMPT_FORMAT,
+        ).to_json(),
         "stage_seconds": {name: _stage_info(work, name).get("seconds") for name in STAGES},
         "this_run_seconds": run_seconds,
         "libraries": library_versions(),

@@ -261,3 +261,40 @@ def load_pack(folder: Path | None, pin: str | None = None) -> EvidencePack | Non
         },
     )
     return pack
+
+
+DEFAULT_PACK_DIR = Path("model_artifacts/evidence")
+
+
+def open_pack(enabled: bool, folder: Path | None, pin: str | None = None) -> tuple[EvidencePack | None, str]:
+    """The pack the service serves with, and a note saying which (or why none): the configured pack
+    (refused when it fails verification), the default one when it has been built, or none; then
+    answers carry no citations and /info says why."""
+    if not enabled:
+        return None, "evidence retrieval is turned off (MEDASK_EVIDENCE=false)"
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise EvidenceError(f"MEDASK_EVIDENCE_DIR={folder} does not exist")
+        return load_pack(folder, pin), f"evidence pack {folder}"
+    if not (DEFAULT_PACK_DIR / PASSAGES).is_file():
+        note = (
+            f"no evidence pack: {DEFAULT_PACK_DIR} has not been built (run `python -m training evidence --default`, "
+            "which `make serve` does) and MEDASK_EVIDENCE_DIR is not set"
+        )
+        log.warning(note, extra={"event": "no_evidence"})
+        return None, note
+    return load_pack(DEFAULT_PACK_DIR, pin), f"evidence pack {DEFAULT_PACK_DIR}"
+
+
+def check_pack_against(pack: EvidencePack | None, manifest: dict[str, Any], pinned: bool) -> None:
+    """A checkpoint names the pack it was trained and evaluated with (name and digest): a pack that
+    carries that name must be that pack. (A pack with another name, a hospital's own, is the
+    operator's choice; MEDASK_EVIDENCE_SHA256 pins any pack.)"""
+    named = ((manifest.get("evidence") or {}).get("pack")) or {}
+    if pack is None or pinned or not named.get("pack_sha256"):
+        return
+    if named.get("name") == pack.manifest.get("name") and named["pack_sha256"] != pack.pack_sha256:
+        raise EvidenceError(
+            f"evidence pack {pack.folder} calls itself {named['name']!r}, the pack this checkpoint names, but "
+            f"its digest is {pack.pack_sha256}, not the checkpoint's {named['pack_sha256']}: its files were changed"
+        )

@@ -54,6 +54,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 MARKER_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>")
+# the layout above and the user turn below (evidence block, then "Question: "), versioned: a checkpoint
+# records the one it was trained on, and the service refuses one it does not render
+PROMPT_FORMAT = "medask-chat-1"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A role is a title ("Paediatric Cardiologist"), never a sentence: letters,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.clinical.scoring import Score
-from app.engine.local import EngineBase, EngineError, GenerationJob, GenerationResult, ScoreItem
+from app.engine.base import EngineBase, EngineError, GenerationJob, GenerationResult, ScoreItem
 from app.engine.policy import DeadlineExceeded, Kind, Policy, QueueFull, Work
 from app.metrics import Metrics
 
@@ -84,6 +84,19 @@ class Scheduler:
         return len(self.policy.running)
 
     # ---- submission (event loop side) -------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What /info reports of the scheduler and its policy."""
+        return {
+            "max_batch_size": self.max_batch,
+            "continuous_batching": self.continuous,
+            "batches_run": self.batches,
+            "admitted_into_running_batches": self.admitted,
+            # left the queue unrun: past their deadline, or their client had gone
+            "dropped_unrun": self.dropped,
+            "max_batch_tokens": self.policy.max_batch_tokens,
+            "key_queue_limit": self.policy.key_limit,
+        }
+
     def _submit(
         self,
         kind: Kind,

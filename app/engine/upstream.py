@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from app.clinical.scoring import Score, score_from_logprobs
-from app.engine.local import (
+from app.engine.base import (
     EngineBase,
     EngineError,
     GenerationJob,

@@ -1,4 +1,4 @@
-"""Thin routers: validate, call the Serving handler, shape the response."""
+"""Thin routers: a route parses its request, makes one call (the clinic, the runner), and renders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.serving import Serving
+from app.api.streaming import Runner
+from app.serving import Ready, Serving
 
 ERRORS = {
     400: {"description": "Invalid request (e.g. prompt + max tokens exceed the context)"},
@@ -27,3 +28,9 @@ def serving(request: Request) -> Serving:
 
 # the handler object every route is given
 ServingDep = Annotated[Serving, Depends(serving)]
+
+
+def open_door(svc: Serving) -> tuple[Ready, Runner]:
+    """A ready service's parts and a runner for this request, or the 503 saying why not."""
+    ready = svc.require_ready()
+    return ready, Runner(svc, ready.scheduler)

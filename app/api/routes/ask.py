@@ -7,70 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.api.routes import ERRORS, STREAMED, ServingDep
+from app.api.routes import ERRORS, STREAMED, ServingDep, open_door
 from app.api.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
-from app.clinical.evidence import Passage
-from app.clinical.grounding import Grounding
-from app.clinical.quality import Quality
-from app.clinical.safety import Triage
-from app.engine.local import GenerationResult, SamplingParams
-from app.serving import Serving, new_id, sse
+from app.api.streaming import fixed_events, new_id, sse
+from app.clinical.clinic import Answer, Consult, Plan
+from app.engine.base import GenerationResult
 
 router = APIRouter(tags=["clinical"])
-
-
-def _summary(
-    svc: Serving,
-    req: AskRequest,
-    rid: str,
-    triage: Triage,
-    result: GenerationResult | None,
-    t0: float,
-    passages: list[Passage] | None = None,
-    delivered: tuple[str, Quality, Grounding] | None = None,
-) -> dict[str, Any]:
-    """The response; ``delivered`` is a stream's (answer, quality, grounding): exactly what it sent."""
-    note = None
-    grounding, source = None, None
-    if result is None:  # refused by the rule layer: no model call, nothing to score
-        answer, perplexity, quality, finish = svc.refusal(triage), None, None, "refused"
-        prompt_tokens = completion_tokens = 0
-    else:
-        answer, q, g = delivered or svc.answer(result, req.question, triage, passages or [], req.grounding)
-        grounding, source = g.public(), g.answer_source
-        perplexity = round(result.perplexity, 4) if result.perplexity is not None else None
-        quality, note = q.public(), svc.perplexity_note(result)
-        finish = result.finish
-        prompt_tokens, completion_tokens = result.prompt_tokens, result.completion_tokens
-    return AskResponse(
-        id=rid,
-        answer=answer,
-        role=req.role,
-        perplexity=perplexity,
-        perplexity_note=note,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-        finish_reason=finish,
-        triage=triage.public(),
-        quality=quality,
-        citations=[p.citation() for p in passages or []],
-        answer_source=source,
-        grounding=grounding,
-        model=svc.model_name,
-        disclaimer=DISCLAIMER,
-        latency_ms=round((time.perf_counter() - t0) * 1000, 1),
-    ).model_dump()
-
-
-def advice_events(triage: Triage) -> list[str]:
-    """What a stream sends before any model text: the triage, then the fixed advice as text."""
-    events = [sse(triage.public(), "triage")]
-    if triage.prefix:
-        events.append(sse({"text": triage.prefix + "\n\n"}, "token"))
-    return events
 
 
 @router.post(
@@ -88,49 +31,89 @@ def advice_events(triage: Triage) -> list[str]:
 )
 async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     t0 = time.perf_counter()
-    svc.require_ready()
-    triage = await svc.triage_conversation(req.turns, req.question)
-    rid = new_id("ask")
-    if not triage.in_scope:  # the rule layer is sure: no model call
-        svc.note(request, 0, 0, question=req.question, role=req.role)
-        summary = _delivered(svc, request, _summary(svc, req, rid, triage, None, t0))
-        if req.stream:
-            return svc.events(
-                [*advice_events(triage), sse({"text": summary["answer"]}, "token"), sse(summary, "summary")]
-            )
-        return summary
-    prompt, passages = svc.prompt(
-        req.question, req.role, req.max_new_tokens, "max_new_tokens", req.evidence, req.evidence_k, req.turns
+    ready, runner = open_door(svc)
+    plan = await ready.clinic.prepare(
+        Consult(
+            req.question,
+            req.role,
+            req.turns,
+            req.max_new_tokens,
+            "max_new_tokens",
+            req.evidence,
+            req.evidence_k,
+            req.grounding,
+        )
     )
-    params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, req.seed)
+    runner.note(request, 0, 0, question=req.question, role=req.role)
+    rid = new_id("ask")
+    if plan.refused:  # the rule layer is sure: no model call
+        summary = _summary(svc.model_name, req, rid, plan, ready.clinic.deliver(plan, None), None, t0)
+        runner.note(request, 0, 0, answer=summary["answer"])
+        if not req.stream:
+            return summary
+        return fixed_events([*_advice(plan), sse({"text": summary["answer"]}, "token"), sse(summary, "summary")])
+    params = req.to_sampling_params()
     if req.stream:
         # sentences are sent once complete and checked against the citations: a withheld one never leaves
-        gate = svc.gate(req.question, passages, req.grounding)
+        answer = ready.clinic.stream(plan)
 
         def on_done(result: GenerationResult) -> list[str]:
-            tail, answer, quality, grounding = svc.finish_stream(gate, result, req.question, triage)
-            summary = _summary(svc, req, rid, triage, result, t0, passages, (answer, quality, grounding))
-            events = [sse({"text": tail}, "token")] if tail else []
-            return [*events, sse(_delivered(svc, request, summary), "summary")]
+            tail, delivered = answer.close(result)
+            summary = _summary(svc.model_name, req, rid, plan, delivered, result, t0)
+            runner.note(request, 0, 0, answer=summary["answer"])
+            return [*([sse({"text": tail}, "token")] if tail else []), sse(summary, "summary")]
 
-        return svc.stream(
+        return runner.stream(
             request,
-            prompt,
+            plan.prompt,
             params,
-            on_piece=lambda piece: sse({"text": text}, "token") if (text := gate.feed(piece)) else "",
+            on_piece=lambda piece: sse({"text": text}, "token") if (text := answer.feed(piece)) else "",
             on_done=on_done,
-            audit={"question": req.question, "role": req.role},
-            preamble=advice_events(triage),
+            preamble=_advice(plan),
         )
-    result = await svc.generate(request, prompt, params)
-    svc.note(request, result.prompt_tokens, result.completion_tokens, question=req.question, role=req.role)
-    return _delivered(svc, request, _summary(svc, req, rid, triage, result, t0, passages))
-
-
-def _delivered(svc: Serving, request: Request, summary: dict[str, Any]) -> dict[str, Any]:
-    """The audit digest is of the answer the client was given (advice and gate included)."""
-    svc.note(request, 0, 0, answer=summary["answer"])
+    result = await runner.generate(request, plan.prompt, params)
+    summary = _summary(svc.model_name, req, rid, plan, ready.clinic.deliver(plan, result), result, t0)
+    # the audit digest is of the answer the client was given (advice and gate included)
+    runner.note(request, result.prompt_tokens, result.completion_tokens, answer=summary["answer"])
     return summary
+
+
+def _advice(plan: Plan) -> list[str]:
+    """What a stream sends before any model text: the triage, then the fixed advice as text."""
+    events = [sse(plan.triage.public(), "triage")]
+    if plan.triage.prefix:
+        events.append(sse({"text": plan.triage.prefix + "\n\n"}, "token"))
+    return events
+
+
+def _summary(
+    model: str, req: AskRequest, rid: str, plan: Plan, answer: Answer, result: GenerationResult | None, t0: float
+) -> dict[str, Any]:
+    """The response object (a stream's ``summary`` event): exactly what was delivered."""
+    prompt_tokens = result.prompt_tokens if result is not None else 0
+    completion_tokens = result.completion_tokens if result is not None else 0
+    g = answer.grounding
+    return AskResponse(
+        id=rid,
+        answer=answer.text,
+        role=req.role,
+        perplexity=round(answer.perplexity, 4) if answer.perplexity is not None else None,
+        perplexity_note=answer.perplexity_note,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+        finish_reason=result.finish if result is not None else "refused",
+        triage=plan.triage.public(),
+        quality=answer.quality.public() if answer.quality is not None else None,
+        citations=plan.citations(),
+        answer_source=g.answer_source if g is not None else None,
+        grounding=g.public() if g is not None else None,
+        model=model,
+        disclaimer=DISCLAIMER,
+        latency_ms=round((time.perf_counter() - t0) * 1000, 1),
+    ).model_dump()
 
 
 @router.get("/roles", summary="Configured specialties (free-text roles up to 64 characters are accepted too)")

@@ -46,20 +46,21 @@ async def ready(svc: ServingDep) -> Any:
 
 @router.get("/info", summary="The served model: name, base, quantization, kernel, device, held-out metrics, versions")
 async def info(svc: ServingDep) -> dict[str, Any]:
-    engine, scheduler = svc.require_ready()
+    ready = svc.require_ready()
+    engine, scheduler, clinic = ready.engine, ready.scheduler, ready.clinic
     out = engine.info()
     out["model"] = svc.model_name
-    if svc.safety is not None:
-        out["safety"] = svc.safety.info()
-    k, max_tokens = svc.evidence_contract()
+    out["safety"] = clinic.safety.info()
+    k, max_tokens = clinic.evidence_contract()
     out["evidence"] = {
-        "enabled": svc.evidence is not None,
-        "note": svc.evidence_note,
+        "enabled": clinic.evidence is not None,
+        "note": clinic.evidence_note,
         "k": k,
         "max_tokens": max_tokens,
-        "pack": svc.evidence.info() if svc.evidence is not None else None,
+        "pack": clinic.evidence.info() if clinic.evidence is not None else None,
         "trained_with": (engine.manifest.get("recipe") or {}).get("evidence"),
     }
+    out["serving_contract"] = {**clinic.contract.to_json(), "source": clinic.contract.source}
     gen = engine.manifest.get("heldout_generation") or {}
     out["quality_gate"] = {
         "perplexity_reference_rows": gen.get("rows"),
@@ -70,15 +71,8 @@ async def info(svc: ServingDep) -> dict[str, Any]:
         out["about"] = ABOUT.format(params=f"{params / 1e6:.1f}M" if params else "a few million")
     out["serving"] = {
         "batching": svc.settings.batching,
-        "max_batch_size": scheduler.max_batch,
         "queue_size": svc.settings.queue_size,
-        "continuous_batching": scheduler.continuous,
-        "batches_run": scheduler.batches,
-        "admitted_into_running_batches": scheduler.admitted,
-        # left the queue unrun: past their deadline, or their client had gone
-        "dropped_unrun": scheduler.dropped,
-        "max_batch_tokens": scheduler.policy.max_batch_tokens,
-        "key_queue_limit": scheduler.policy.key_limit,
+        **scheduler.info(),
         "python": platform.python_version(),
     }
     return out

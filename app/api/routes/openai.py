@@ -19,24 +19,29 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.api.routes import ERRORS, STREAMED, ServingDep
-from app.api.schemas import (
-    MAX_QUESTION_CHARS,
+from app.api.openai_schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    Chunk,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
+    chat_choice,
     openai_usage,
+    text_choice,
 )
+from app.api.routes import ERRORS, STREAMED, ServingDep, open_door
+from app.api.schemas import MAX_QUESTION_CHARS
+from app.api.streaming import DONE, Runner, fixed_events, new_id, sse
+from app.clinical.clinic import Consult
 from app.clinical.prompting import DEFAULT_ROLE, Turn, role_problem
-from app.engine.local import EngineBase, GenerationResult, PromptLogprobs, SamplingParams
+from app.engine.base import EngineBase, GenerationResult, PromptLogprobs, SamplingParams
 from app.errors import ApiError
-from app.serving import Serving, new_id, sse
+from app.serving import Serving
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _ACT_AS = re.compile(r"^\s*(?:please\s+)?act\s+as\s+(?:an?\s+)?", re.I)
@@ -74,6 +79,20 @@ def conversation(messages: list[ChatMessage]) -> tuple[str, list[Turn], str]:
     return role_from_system(system[0].text if system else None), turns[:-1], question
 
 
+def check_model(svc: Serving, name: str | None) -> None:
+    """An OpenAI ``model`` must name the served model (or one of its aliases): a client that asks
+    for another model must not silently get this one."""
+    if name is None or name == svc.model_name or name in svc.settings.alias_list:
+        return
+    raise ApiError(
+        404,
+        "model_not_found",
+        f"the model {name!r} does not exist here; this server serves {svc.model_name!r} (GET /v1/models)",
+        "model",
+        code="model_not_found",
+    )
+
+
 @router.get("/models", response_model=ModelList, summary="The one served model")
 async def models(svc: ServingDep) -> ModelList:
     svc.require_ready()
@@ -88,11 +107,11 @@ async def models(svc: ServingDep) -> ModelList:
 )
 async def model(model_id: str, svc: ServingDep) -> ModelCard:
     svc.require_ready()
-    svc.check_model(model_id)
+    check_model(svc, model_id)
     return ModelCard(id=model_id)
 
 
-def _check_n(svc: Serving, n: int, stream: bool, rows: int = 1) -> None:
+def _check_n(svc: Serving, runner: Runner, n: int, stream: bool, rows: int = 1) -> None:
     limit = svc.settings.max_n
     if n > limit:
         raise ApiError(400, "invalid_request_error", f"n must be at most {limit} on this server (MEDASK_MAX_N)", "n")
@@ -106,12 +125,11 @@ def _check_n(svc: Serving, n: int, stream: bool, rows: int = 1) -> None:
             "(MEDASK_MAX_PROMPTS_PER_REQUEST); split the batch",
             "prompt",
         )
-    share = svc.require_ready()[1].policy.key_limit
-    if rows * n > share:
+    if rows * n > runner.queue_share:
         raise ApiError(
             400,
             "invalid_request_error",
-            f"prompts x n = {rows * n} exceeds one caller's share of the queue ({share}); split the request",
+            f"prompts x n = {rows * n} exceeds one caller's share of the queue ({runner.queue_share}); split the request",
             "prompt",
         )
 
@@ -123,23 +141,28 @@ def _seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
-def _chunk(
-    cid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], usage: Any = None
-) -> dict[str, Any]:
-    out = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
-    if usage is not None:
-        out["usage"] = usage
-    return out
+class _Stream:
+    """One OpenAI stream's chunks: they share an id, a time and a model; the end is the finish chunk,
+    with ``stream_options.include_usage`` a usage chunk with no choices (OpenAI's contract), then [DONE];
+    without it the finish chunk carries usage."""
 
+    def __init__(self, obj: str, cid: str, model: str, include_usage: bool) -> None:
+        self.obj, self.cid, self.model, self.include_usage = obj, cid, model, include_usage
+        self.created = int(time.time())
+        self.started = False  # a chat's first chunk says who speaks
 
-def _closing(
-    cid: str, created: int, model: str, obj: str, last: dict[str, Any], usage: dict[str, Any], include_usage: bool
-) -> list[str]:
-    """The end of an OpenAI stream: the finish chunk, with ``stream_options.include_usage`` a usage
-    chunk with no choices (OpenAI's contract), then [DONE]. Without it the finish chunk carries usage."""
-    if include_usage:
-        return [sse(last), sse(_chunk(cid, created, model, obj, [], usage)), "data: [DONE]\n\n"]
-    return [sse({**last, "usage": usage}), "data: [DONE]\n\n"]
+    def chunk(self, choices: list[Any], **extra: Any) -> Chunk:
+        return Chunk(id=self.cid, object=self.obj, created=self.created, model=self.model, choices=choices, **extra)
+
+    def say(self, content: str) -> str:
+        first, self.started = not self.started, True
+        return sse(self.chunk([chat_choice(content, first=first)]))
+
+    def closing(self, last: Chunk, usage: dict[str, Any]) -> list[str]:
+        if self.include_usage:
+            return [sse(last), sse(self.chunk([], usage=usage)), DONE]
+        last.usage = usage
+        return [sse(last), DONE]
 
 
 @router.post(
@@ -155,106 +178,73 @@ def _closing(
     "when it is longer than the context the oldest turns are dropped, never the role.",
 )
 async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) -> Any:  # a response or a stream
-    engine, _ = svc.require_ready()
-    svc.check_model(req.model)
-    _check_n(svc, req.n, req.stream)
+    ready, runner = open_door(svc)
+    check_model(svc, req.model)
+    _check_n(svc, runner, req.n, req.stream)
     role, history, question = conversation(req.messages)
-    triage = await svc.triage_conversation(history, question)
-    cid, created, model = new_id("chatcmpl"), int(time.time()), svc.model_name
-    obj = "chat.completion.chunk"
-    if not triage.in_scope:
-        content = svc.refusal(triage)
-        svc.note(request, 0, 0, question=question, role=role, answer=content)
-        extra = {"triage": triage.public(), "quality": None, "citations": []}
+    plan = await ready.clinic.prepare(Consult(question, role, history, req.max_new_tokens, req.max_new_param))
+    runner.note(request, 0, 0, question=question, role=role)
+    out = _Stream("chat.completion.chunk", new_id("chatcmpl"), svc.model_name, req.include_usage)
+    triage = plan.triage.public()
+    if plan.refused:
+        content = ready.clinic.deliver(plan, None).text
+        runner.note(request, 0, 0, answer=content)
+        extra: dict[str, Any] = {"triage": triage, "quality": None, "citations": []}
         if req.stream:
-            first = _chunk(cid, created, model, obj, [_delta(0, {"role": "assistant", "content": content})])
-            last = {**_chunk(cid, created, model, obj, [_delta(0, {}, "content_filter")]), **extra}
-            return svc.events(
-                [sse(first), *_closing(cid, created, model, obj, last, openai_usage(0, 0), req.include_usage)]
-            )
+            last = out.chunk([chat_choice(finish="content_filter")], **extra)
+            return fixed_events([out.say(content), *out.closing(last, openai_usage(0, 0))])
         choices = [_message(i, content, "content_filter", None) for i in range(req.n)]
         return ChatCompletionResponse(
-            id=cid, created=created, model=model, choices=choices, usage=openai_usage(0, 0), **extra
+            id=out.cid, created=out.created, model=out.model, choices=choices, usage=openai_usage(0, 0), **extra
         )
-    max_new = req.max_completion_tokens or req.max_tokens
-    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-    if max_new is None:
-        bare = len(engine.encode_question(question, role))
-        max_new = max(1, min(svc.settings.max_new_tokens_default, engine.context_length - bare))
-    prompt, passages = svc.prompt(question, role, max_new, param, history=history)
-    citations = [p.citation() for p in passages]
-    params = SamplingParams(
-        max_new, req.temperature, req.top_p, req.seed, req.stops, req.frequency_penalty, req.presence_penalty
-    )
-
+    params = req.to_sampling_params(plan.max_new_tokens)
     if req.stream:
-        first = {"sent": False}
-
-        def delta(content: str) -> dict[str, Any]:
-            out = {"content": content} if first["sent"] else {"role": "assistant", "content": content}
-            first["sent"] = True
-            return _delta(0, out)
-
-        gate = svc.gate(question, passages)  # sentences leave once complete and checked
-
-        def on_piece(piece: str) -> str:
-            text = gate.feed(piece)
-            return sse(_chunk(cid, created, model, obj, [delta(text)])) if text else ""
+        answer = ready.clinic.stream(plan)  # sentences leave once complete and checked
 
         def on_done(result: GenerationResult) -> list[str]:
-            tail, content, quality, grounding = svc.finish_stream(gate, result, question, triage)
-            events = [sse(_chunk(cid, created, model, obj, [delta(tail)]))] if tail else []
-            last = _chunk(cid, created, model, obj, [_delta(0, {}, result.finish)])
-            last.update(
-                {
-                    "triage": triage.public(),
-                    "quality": quality.public(),
-                    "citations": citations,
-                    "answer_source": grounding.answer_source,
-                    "grounding": grounding.public(),
-                }
+            tail, delivered = answer.close(result)
+            runner.note(request, 0, 0, answer=delivered.text)
+            assert delivered.quality is not None and delivered.grounding is not None
+            last = out.chunk(
+                [chat_choice(finish=result.finish)],
+                triage=triage,
+                quality=delivered.quality.public(),
+                citations=plan.citations(),
+                answer_source=delivered.grounding.answer_source,
+                grounding=delivered.grounding.public(),
             )
-            svc.note(request, 0, 0, answer=content)
             usage = openai_usage(result.prompt_tokens, result.completion_tokens)
-            return [*events, *_closing(cid, created, model, obj, last, usage, req.include_usage)]
+            return [*([out.say(tail)] if tail else []), *out.closing(last, usage)]
 
-        preamble = [sse(_chunk(cid, created, model, obj, [delta(triage.prefix + "\n\n")]))] if triage.prefix else []
-        return svc.stream(
-            request, prompt, params, on_piece, on_done, audit={"question": question, "role": role}, preamble=preamble
+        return runner.stream(
+            request,
+            plan.prompt,
+            params,
+            on_piece=lambda piece: out.say(text) if (text := answer.feed(piece)) else "",
+            on_done=on_done,
+            preamble=[out.say(answer.advice)] if answer.advice else [],
         )
-    results = await asyncio.gather(*(svc.generate(request, prompt, p) for p in _seeded(params, req.n)))
-    choices, qualities, groundings = [], [], []
-    for i, result in enumerate(results):
-        content, quality, grounding = svc.answer(result, question, triage, passages)
-        choices.append(_message(i, content, result.finish, quality.public()))
-        qualities.append(quality.public())
-        groundings.append(grounding)
+    results = await asyncio.gather(*(runner.generate(request, plan.prompt, p) for p in _seeded(params, req.n)))
+    answers = [ready.clinic.deliver(plan, result) for result in results]
+    choices = [
+        _message(i, a.text, r.finish, a.quality.public() if a.quality else None)
+        for i, (a, r) in enumerate(zip(answers, results, strict=True))
+    ]
     completion = sum(r.completion_tokens for r in results)
-    svc.note(
-        request,
-        results[0].prompt_tokens,
-        completion,
-        question=question,
-        role=role,
-        answer=choices[0].message.content,
-    )
-    usage = openai_usage(results[0].prompt_tokens, completion)
+    runner.note(request, results[0].prompt_tokens, completion, answer=answers[0].text)
+    first = answers[0]
     return ChatCompletionResponse(
-        id=cid,
-        created=created,
-        model=model,
+        id=out.cid,
+        created=out.created,
+        model=out.model,
         choices=choices,
-        usage=usage,
-        triage=triage.public(),
-        quality=qualities[0],
-        citations=citations,
-        answer_source=groundings[0].answer_source,
-        grounding=groundings[0].public(),
+        usage=openai_usage(results[0].prompt_tokens, completion),
+        triage=triage,
+        quality=first.quality.public() if first.quality else None,
+        citations=plan.citations(),
+        answer_source=first.grounding.answer_source if first.grounding else None,
+        grounding=first.grounding.public() if first.grounding else None,
     )
-
-
-def _delta(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
 
 def _message(index: int, content: str, finish: str, quality: dict[str, Any] | None) -> ChatChoice:
@@ -307,10 +297,11 @@ def _completion_tokens(result: GenerationResult | None) -> int:
     summary="OpenAI completions: raw text or token ids; echo + logprobs (+ max_tokens=0) scores the prompt",
 )
 async def completions(req: CompletionRequest, request: Request, svc: ServingDep) -> Any:
-    engine, _ = svc.require_ready()
-    svc.check_model(req.model)
+    ready, runner = open_door(svc)
+    engine = ready.engine
+    check_model(svc, req.model)
     prompts = req.prompts
-    _check_n(svc, req.n, req.stream, len(prompts))
+    _check_n(svc, runner, req.n, req.stream, len(prompts))
     if req.stream and len(prompts) > 1:
         raise ApiError(400, "invalid_request_error", "stream supports a single prompt", "prompt")
     if req.max_tokens == 0 and not req.echo:
@@ -334,42 +325,27 @@ async def completions(req: CompletionRequest, request: Request, svc: ServingDep)
             texts.append(engine.front.decode(ids))
         if not ids:
             raise ApiError(400, "invalid_request_error", "prompt encodes to no tokens", "prompt")
-        svc.check_context(len(ids), req.max_tokens, "max_tokens")
+        ready.clinic.check_context(len(ids), req.max_tokens, "max_tokens")
         encoded.append(ids)
-    cid, created, model, obj = new_id("cmpl"), int(time.time()), svc.model_name, "text_completion"
-    top_k = req.logprobs or 0
-    params = SamplingParams(
-        max(req.max_tokens, 1),
-        req.temperature,
-        req.top_p,
-        req.seed,
-        req.stops,
-        req.frequency_penalty,
-        req.presence_penalty,
-        top_k if req.logprobs is not None else 0,
-        req.ignore_eos,
-    )
+    out = _Stream("text_completion", new_id("cmpl"), svc.model_name, req.include_usage)
+    params = req.to_sampling_params()
 
     if req.stream:
 
-        def on_piece(piece: str) -> str:
-            return sse(_chunk(cid, created, model, obj, [_text(0, piece, None)]))
-
         def on_done(result: GenerationResult) -> list[str]:
-            svc.note(request, 0, 0, answer=result.text)
+            runner.note(request, 0, 0, answer=result.text)
             usage = openai_usage(result.prompt_tokens, _completion_tokens(result))
-            last = _chunk(cid, created, model, obj, [_text(0, "", result.finish)])
-            return _closing(cid, created, model, obj, last, usage, req.include_usage)
+            return out.closing(out.chunk([text_choice("", result.finish)]), usage)
 
-        return svc.stream(request, encoded[0], params, on_piece, on_done)
+        return runner.stream(request, encoded[0], params, lambda piece: sse(out.chunk([text_choice(piece)])), on_done)
 
     async def one(ids: list[int]) -> tuple[PromptLogprobs | None, list[GenerationResult | None]]:
         echo_lp = None
         if req.echo and req.logprobs is not None:
-            echo_lp = await svc.call(request, lambda e: e.prompt_logprobs(ids, top_k))
+            echo_lp = await runner.call(request, lambda e: e.prompt_logprobs(ids, params.top_logprobs))
         if req.max_tokens == 0:
             return echo_lp, [None] * req.n
-        results = await asyncio.gather(*(svc.generate(request, ids, p) for p in _seeded(params, req.n)))
+        results = await asyncio.gather(*(runner.generate(request, ids, p) for p in _seeded(params, req.n)))
         return echo_lp, list(results)
 
     # every prompt is submitted at once, so the scheduler can batch them
@@ -393,10 +369,6 @@ async def completions(req: CompletionRequest, request: Request, svc: ServingDep)
             )
             n_completion += _completion_tokens(result)
         n_prompt += len(ids)
-    svc.note(request, n_prompt, n_completion)
+    runner.note(request, n_prompt, n_completion)
     usage = openai_usage(n_prompt, n_completion)
-    return CompletionResponse(id=cid, created=created, model=model, choices=choices, usage=usage)
-
-
-def _text(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    return CompletionResponse(id=out.cid, created=out.created, model=out.model, choices=choices, usage=usage)
