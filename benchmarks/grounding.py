@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.clinical.evidence import gather, load_pack
-from app.clinical.grounding import ground, named_things
+from app.clinical.grounding import ground
+from app.clinical.sentences import named_things
 from app.engine.base import GenerationJob, SamplingParams
 from app.engine.local import Engine
 from benchmarks.common import report

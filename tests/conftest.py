@@ -19,6 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = ROOT / "tests" / "data"
 CI_RECIPE = ROOT / "training" / "recipes" / "ci.yaml"
 
 
@@ -155,26 +156,22 @@ def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPath
 
 # ---- test layers ------------------------------------------------------------
 
-# fixtures that train, load or serve a model: a test using any of them is slow
+# The layer is the folder: tests/fast/ runs without a trained model (seconds; `pytest -m "not slow"`),
+# tests/e2e/ trains, loads or serves one (or runs an outside tool) and is marked slow here. A fast test
+# that asks for one of these fixtures is a collection error: it belongs in tests/e2e/.
 SLOW_FIXTURES = {"ci_run", "ci_checkpoint", "ci_pack", "server", "srv", "busy", "tokenizer", "reference"}
-# modules that start servers, train or load models themselves, without those fixtures
-SLOW_MODULES = {
-    "test_default_model",
-    "test_engine",
-    "test_startup",
-    "test_training",
-    "test_shutdown",
-    "test_scoring",
-    "test_upstream",
-    "test_export",
-}
+E2E = Path(__file__).resolve().parent / "e2e"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    misplaced = []
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if E2E in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.slow)
+        elif SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError("fast tests that need a trained model (move them to tests/e2e/): " + ", ".join(misplaced))
 
 
 def forge_pack(src: Path, dst: Path, old: str, new: str) -> Path:

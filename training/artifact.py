@@ -28,7 +28,7 @@ from app.manifest import (
 )
 from training.config import Recipe
 from training.data import MEDQUAD_PATH, MEDTEXT_PATH, SPLIT_PATH
-from training.registry import STAGES, published_stage
+from training.graph import STAGE_NAMES, published_stage
 from training.stages import Stage
 
 __all__ = ["PublishError", "check_destination", "publish", "verify_checkpoint"]
@@ -202,7 +202,7 @@ def _manifest(work: Path, recipe: Recipe, folder: Path, run_seconds: dict[str, f
             reference_perplexities=tuple((metrics.get("heldout_generation") or {}).get("perplexities") or ()),
             prompt_format=PROMPT_FORMAT,
         ).to_json(),
-        "stage_seconds": {name: _stage_info(work, name).get("seconds") for name in STAGES},
+        "stage_seconds": {name: _stage_info(work, name).get("seconds") for name in STAGE_NAMES},
         "this_run_seconds": run_seconds,
         "libraries": library_versions(),
         "files": file_digests(folder),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training import graph
 from training.config import Recipe, digest
 from training.registry import STAGES
 from training.stages import Stage
@@ -30,17 +31,8 @@ def data_digest() -> str:
 
 
 def stage_keys(recipe: Recipe) -> dict[str, str]:
-    """Each stage's key covers the data, its own settings and every upstream stage's."""
-    data = data_digest()
-    base = digest(recipe.base, recipe.data.train_rows, recipe.seed, data)
-    evidence = digest(recipe.evidence, recipe.data.train_rows, data)
-    sft = digest(base, evidence, recipe.sft, recipe.dtype)
-    dpo = digest(sft, recipe.dpo)
-    gptq = digest(dpo, recipe.quantize)
-    evaluate = digest(gptq, recipe.evaluate, recipe.data.eval_rows)
-    keys = {"base": base, "evidence": evidence, "sft": sft, "dpo": dpo, "gptq": gptq, "eval": evaluate}
-    assert keys.keys() == STAGES.keys(), "every registered stage has a key"
-    return keys
+    """Each stage's key covers the data, its own settings and every upstream stage's (``training.graph``)."""
+    return graph.keys(recipe, data_digest())
 
 
 @dataclass

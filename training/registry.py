@@ -1,8 +1,7 @@
-"""The training stages, once: their order, what each runs, and which hold a model.
+"""What each stage of ``training.graph`` runs.
 
-The CLI (``--until``), the pipeline, evaluation and publishing all read this
-mapping. Each runner imports its module when it runs, so importing the registry
-is cheap and no training module imports another in a circle.
+Each runner imports its module when it runs, so importing the registry is cheap; no stage module
+imports the registry (they read ``training.graph``), so there is no circle, lazy imports included.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from training.config import Recipe
+from training.graph import GRAPH, STAGE_NAMES
 from training.stages import Stage
 
 
@@ -70,20 +70,13 @@ def _eval(stage: Stage, work: Path, recipe: Recipe) -> None:
     run_evaluate(stage, work, recipe)
 
 
-STAGES: dict[str, StageSpec] = {
-    s.name: s
-    for s in (
-        StageSpec("base", _base, holds_model=True),
-        StageSpec("evidence", _evidence, holds_model=False),
-        StageSpec("sft", _sft, holds_model=True),
-        StageSpec("dpo", _dpo, holds_model=True),
-        StageSpec("gptq", _gptq, holds_model=True),
-        StageSpec("eval", _eval, holds_model=False),
-    )
+RUNNERS: dict[str, Callable[[Stage, Path, Recipe], None]] = {
+    "base": _base,
+    "evidence": _evidence,
+    "sft": _sft,
+    "dpo": _dpo,
+    "gptq": _gptq,
+    "eval": _eval,
 }
-MODEL_STAGES: tuple[str, ...] = tuple(name for name, spec in STAGES.items() if spec.holds_model)
-
-
-def published_stage(recipe: Recipe) -> str:
-    """The stage whose model is published: GPTQ's, or DPO's when quantization is off."""
-    return "gptq" if recipe.quantize.enabled else "dpo"
+assert tuple(RUNNERS) == STAGE_NAMES, "every stage of the graph has a runner, in the graph's order"
+STAGES: dict[str, StageSpec] = {n.name: StageSpec(n.name, RUNNERS[n.name], n.holds_model) for n in GRAPH}

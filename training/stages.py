@@ -75,3 +75,8 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """A stage's training log (a JSON list of records), or nothing when the stage kept none."""
+    return json.loads(path.read_text()) if path.is_file() else []

@@ -2,7 +2,7 @@
 
 In the spirit of vLLM's scheduler, the policy only decides; the worker thread in
 app.engine.scheduler is a thin shell that asks it what to run and delivers results.
-Being pure, every rule below is tested without a model (tests/test_policy.py).
+Being pure, every rule below is tested without a model (tests/fast/engine/test_policy.py).
 
 Rules:
 - **Bounded queue**: a full queue refuses new work at once (429), and one API key

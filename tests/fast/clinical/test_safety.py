@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from app.clinical.safety import RULES_PATH, SafetyLayer, SafetyRulesError, compose
+from tests.conftest import TEST_DATA
 
-CASES = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_cases.jsonl").open()]
+CASES = [json.loads(line) for line in (TEST_DATA / "triage_cases.jsonl").open()]
 RECALL_TARGET = 0.95
 FALSE_ALARM_TARGET = 0.10
 

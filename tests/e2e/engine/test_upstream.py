@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server, free_port, start_server, stop_server
-from tests.test_deploy import UPSTREAM_METRICS, alert_exprs, dashboard_exprs, metric_names
+from tests.fast.test_deploy import UPSTREAM_METRICS, alert_exprs, dashboard_exprs, metric_names
 
 UPSTREAM_KEY = "upstream-secret"
 QUESTIONS = [

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
 from app.clinical.safety import SafetyLayer
 from app.clinical.triage.findings import extract
 from app.clinical.triage.text import Speller, canonical, fold
+from tests.conftest import ROOT, TEST_DATA
 
-DATA = Path(__file__).parent / "data" / "triage"
+DATA = TEST_DATA / "triage"
 HOLDOUT = [json.loads(line) for line in (DATA / "holdout.jsonl").open(encoding="utf-8")]
-TUNE = [json.loads(line) for line in (Path(__file__).parents[1] / "app" / "clinical" / "triage" / "tune.jsonl").open()]
+TUNE = [json.loads(line) for line in (ROOT / "app" / "clinical" / "triage" / "tune.jsonl").open()]
 ALARM = ("emergency", "crisis")
 
 

@@ -5,14 +5,14 @@ benchmarks/answer_quality.py) and the MedText gold answers, which must all pass.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from app.clinical.quality import assess, longest_loop, percentile, repetition, withheld, words
+from tests.conftest import TEST_DATA
 from training.data import load_medtext
 
-SHIPPED = [json.loads(line) for line in (Path(__file__).parent / "data" / "shipped_answers.jsonl").open()]
+SHIPPED = [json.loads(line) for line in (TEST_DATA / "shipped_answers.jsonl").open()]
 
 
 def test_real_loops_of_the_shipped_model_are_degenerate() -> None:

@@ -4,13 +4,11 @@ join and leave the slots keep theirs, and the compiled step is the eager step.""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from app.engine.base import GenerationJob, SamplingParams
 from app.engine.batch import StaticDecodeBatch
-from app.engine.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, supports
 from app.engine.local import Engine
 
 QUESTIONS = [
@@ -127,29 +125,6 @@ def test_info_says_which_path_decodes(static: Engine, reference: Engine) -> None
     assert reference.info()["decode"]["path"] == "model"
     batch = StaticDecodeBatch(static, static.decoder)
     assert len(batch) == 0 and batch.drop_finished() == []
-
-
-@pytest.mark.parametrize(
-    ("config", "reason"),
-    [
-        ({"model_type": "gpt2"}, "model type"),
-        ({"model_type": "llama", "attention_bias": True}, "biased"),
-        ({"model_type": "llama", "sliding_window": 4096}, "sliding window"),
-        ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn"}}, "rope type"),
-    ],
-)
-def test_models_the_static_step_does_not_cover_are_named(config: dict, reason: str) -> None:
-    assert reason in (supports(SimpleNamespace(config=SimpleNamespace(**config))) or "")
-    assert supports(SimpleNamespace(config=SimpleNamespace(model_type="llama"))) is None
-
-
-def test_a_static_cache_too_large_to_allocate_is_not_allocated() -> None:
-    """Llama-2-7B (32 layers, 32 heads of 128, 4,096 positions) on a CPU: 16 rows would need 64 GiB."""
-    llama2 = SimpleNamespace(
-        num_attention_heads=32, num_hidden_layers=32, hidden_size=4096, max_position_embeddings=4096
-    )
-    assert cache_bytes(llama2, 16) == 64 << 30 > MAX_STATIC_CACHE_BYTES
-    assert cache_bytes(llama2, 1) < MAX_STATIC_CACHE_BYTES
 
 
 def test_a_too_large_cache_falls_back_to_the_models_forward(ci_checkpoint: Path) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.api.routes.openai import conversation
 from app.api.openai_schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, UnsupportedParameter
+from app.api.routes.openai import conversation
 from app.clinical.prompting import CHAT_TEMPLATE, fit_history, render_prompt
 from app.engine.base import GenerationJob, SamplingParams
 from app.engine.sampling import Row, find_stop, penalised

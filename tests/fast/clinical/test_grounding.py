@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.clinical.grounding import Checker, SentenceGate, ground, named_things, split_sentences
+from app.clinical.grounding import Checker, SentenceGate, ground
+from app.clinical.sentences import named_things, split_sentences
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.engine.upstream import finish_of, log_excerpt, prompt_entries, redact_url, split_logprobs, sse_payloads
+from app.engine.upstream_protocol import (
+    finish_of,
+    log_excerpt,
+    prompt_entries,
+    redact_url,
+    split_logprobs,
+    sse_payloads,
+)
 from app.settings import Settings
 
 

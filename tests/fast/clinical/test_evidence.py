@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from app.clinical.evidence import EvidenceError, EvidencePack, Passage, evidence_block, gather
+from tests.conftest import ROOT
 from training.data import heldout_ids, heldout_rows, train_rows
 from training.evidence import CasePrompter, build_pack, default_corpus, read_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
     {
         "id": "g1",

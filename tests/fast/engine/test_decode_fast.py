@@ -1,0 +1,48 @@
+"""The decode step without a model: the LM head's dtype is chosen by timing on this CPU, never assumed;
+models the static step does not cover are named; a cache too large is never allocated."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from app.engine.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, choose_head_dtype, cpu_flags, supports
+
+
+def test_the_head_dtype_is_the_faster_one_measured_here() -> None:
+    head = torch.randn(64, 512)
+    chosen, timing = choose_head_dtype(head, max_rows=4, reps=2)
+    assert set(timing) == {"float32", "bfloat16"} and all(v > 0 for v in timing.values())
+    assert chosen == min(timing, key=timing.__getitem__)
+
+
+def test_cpu_flags_are_a_list_of_known_names() -> None:
+    flags = cpu_flags()
+    assert isinstance(flags, tuple) and set(flags) <= {
+        "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"model_type": "gpt2"}, "model type"),
+        ({"model_type": "llama", "attention_bias": True}, "biased"),
+        ({"model_type": "llama", "sliding_window": 4096}, "sliding window"),
+        ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn"}}, "rope type"),
+    ],
+)
+def test_models_the_static_step_does_not_cover_are_named(config: dict, reason: str) -> None:
+    assert reason in (supports(SimpleNamespace(config=SimpleNamespace(**config))) or "")
+    assert supports(SimpleNamespace(config=SimpleNamespace(model_type="llama"))) is None
+
+
+def test_a_static_cache_too_large_to_allocate_is_not_allocated() -> None:
+    """Llama-2-7B (32 layers, 32 heads of 128, 4,096 positions) on a CPU: 16 rows would need 64 GiB."""
+    llama2 = SimpleNamespace(
+        num_attention_heads=32, num_hidden_layers=32, hidden_size=4096, max_position_embeddings=4096
+    )
+    assert cache_bytes(llama2, 16) == 64 << 30 > MAX_STATIC_CACHE_BYTES
+    assert cache_bytes(llama2, 1) < MAX_STATIC_CACHE_BYTES
