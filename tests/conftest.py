@@ -171,7 +171,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         elif SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             misplaced.append(item.nodeid)
     if misplaced:
-        raise pytest.UsageError("fast tests that need a trained model (move them to tests/e2e/): " + ", ".join(misplaced))
+        raise pytest.UsageError(
+            "fast tests that need a trained model (move them to tests/e2e/): " + ", ".join(misplaced)
+        )
 
 
 def forge_pack(src: Path, dst: Path, old: str, new: str) -> Path:

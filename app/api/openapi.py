@@ -8,6 +8,7 @@ knows about, so they are added here from the same rules the middleware uses.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,9 @@ def install_openapi(app: FastAPI, public: Callable[[str], bool]) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        with warnings.catch_warnings():  # "Duplicate Operation ID" for GET + HEAD routes: made unique below
+            warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = doc.setdefault("components", {})
         components.setdefault("schemas", {})["ErrorResponse"] = ErrorResponse.model_json_schema(
             ref_template="#/components/schemas/{model}"
@@ -43,7 +46,11 @@ def install_openapi(app: FastAPI, public: Callable[[str], bool]) -> None:
         components["schemas"].update(components["schemas"]["ErrorResponse"].pop("$defs", {}))
         components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
         for path, operations in doc.get("paths", {}).items():
-            for op in operations.values():
+            for method, op in operations.items():
+                # a route serving GET and HEAD gets one id from FastAPI (from whichever method it lists first,
+                # so it changed between runs): each operation's id names its own method, as generators need
+                if "operationId" in op and len(operations) > 1:
+                    op["operationId"] = f"{op['operationId'].rsplit('_', 1)[0]}_{method}"
                 responses = op.setdefault("responses", {})
                 extra = dict(_ALWAYS)
                 if not public(path):

@@ -218,13 +218,13 @@ class Clinic:
             # nothing to check the text against: the gate's verdict stands, with the evidence to read
             g = Grounding(shown_answer(result.text, quality, passages), "model", plan.mode)
             g.method = "withheld by the quality gate (no evidence to check against, or grounding off)"
-            return self._answer(compose(prefix, g.text), quality, g, result)
+            return self.answered(compose(prefix, g.text), quality, g, result)
         # a stream shows what its sentence gate released, so the plain answer is the same text: the
         # model's sentences a passage supports (a loop's repeats once), else what the sources say
         t0 = time.perf_counter()
         g = ground(result.text, passages, question, plan.mode, self._lexicon())
-        self._observe_grounding(g, time.perf_counter() - t0)
-        return self._answer(compose(prefix, g.text or shown_answer("", quality, passages)), quality, g, result)
+        self.observe_grounding(g, time.perf_counter() - t0)
+        return self.answered(compose(prefix, g.text or shown_answer("", quality, passages)), quality, g, result)
 
     def stream(self, plan: Plan) -> StreamedAnswer:
         """The same answer for a stream: sentences leave once complete and checked."""
@@ -238,7 +238,8 @@ class Clinic:
             self.metrics.degenerate.labels(reason).inc()
         return quality
 
-    def _answer(self, text: str, quality: Quality, grounding: Grounding, result: GenerationResult) -> Answer:
+    def answered(self, text: str, quality: Quality, grounding: Grounding, result: GenerationResult) -> Answer:
+        """The delivered answer of a generation: its text, how it was made, its perplexity or why none."""
         return Answer(text, quality, grounding, result.perplexity, self._perplexity_note(result))
 
     def _perplexity_note(self, result: GenerationResult) -> str | None:
@@ -251,7 +252,8 @@ class Clinic:
     def _lexicon(self) -> frozenset[str]:
         return self.evidence.lexicon if self.evidence is not None else frozenset()
 
-    def _observe_grounding(self, g: Grounding, seconds: float) -> None:
+    def observe_grounding(self, g: Grounding, seconds: float) -> None:
+        """Grounding's metrics: time, where answers come from, supported and withheld sentences."""
         self.metrics.grounding_seconds.observe(seconds)
         self.metrics.answer_source.labels(g.answer_source).inc()
         report = g.public()
@@ -280,14 +282,14 @@ class StreamedAnswer:
         quality = clinic.quality(result.text, question, result.perplexity)
         t0 = time.perf_counter()
         tail, grounding = self.gate.close(question)
-        clinic._observe_grounding(grounding, time.perf_counter() - t0)
+        clinic.observe_grounding(grounding, time.perf_counter() - t0)
         if self.gate.checker is None and quality.degenerate:  # unchecked text: the plain answer's verdict
-            return tail, clinic._answer(
+            return tail, clinic.answered(
                 compose(prefix, shown_answer(result.text, quality, [])), quality, grounding, result
             )
         if not grounding.text and quality.degenerate:  # nothing released: say so, as the plain answer does
             tail = grounding.text = shown_answer("", quality, [])
-        return tail, clinic._answer(compose(prefix, grounding.text), quality, grounding, result)
+        return tail, clinic.answered(compose(prefix, grounding.text), quality, grounding, result)
 
 
 def shown_answer(text: str, quality: Quality, passages: list[Passage] | None = None) -> str:

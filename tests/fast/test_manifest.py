@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.manifest import MANIFEST, verify_checkpoint
+from app.clinical.prompting import PROMPT_FORMAT
+from app.manifest import MANIFEST, SERVING, ServingContract, serving_contract, verify_checkpoint
 from tests.conftest import ROOT
 
 DEFAULT = ROOT / "model_artifacts" / "default"
@@ -69,3 +70,44 @@ def test_a_linked_folder_is_refused(ckpt: Path, tmp_path: Path) -> None:
 
 def test_the_shipped_checkpoint_is_clean() -> None:
     assert verify_checkpoint(DEFAULT) == []
+
+
+# ---- the serving contract ------------------------------------------------------------------------
+
+
+def test_a_checkpoint_published_before_the_serving_block_is_read_from_the_old_places() -> None:
+    manifest = json.loads((DEFAULT / MANIFEST).read_text())
+    assert SERVING not in manifest  # the shipped default predates the block: this is the old reading
+    contract = serving_contract(manifest)
+    assert contract.source == "legacy"
+    assert contract.evidence_k == manifest["recipe"]["evidence"]["k"]
+    assert contract.evidence_max_tokens == manifest["recipe"]["evidence"]["max_tokens"]
+    assert list(contract.reference_perplexities) == manifest["heldout_generation"]["perplexities"]
+    assert contract.prompt_format is None
+
+
+def test_the_serving_block_is_read_first_and_round_trips() -> None:
+    written = ServingContract(
+        evidence_k=4, evidence_max_tokens=300, reference_perplexities=(1.5, 2.5), prompt_format=PROMPT_FORMAT
+    )
+    manifest = {
+        SERVING: written.to_json(),
+        # the old places disagree: the block wins
+        "recipe": {"evidence": {"k": 9, "max_tokens": 99}},
+        "heldout_generation": {"perplexities": [7.0]},
+    }
+    read = serving_contract(json.loads(json.dumps(manifest)))
+    assert read == ServingContract(4, 300, (1.5, 2.5), PROMPT_FORMAT, source="manifest")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [{"evidence_k": "3", "evidence_max_tokens": -1, "reference_perplexities": "x", "prompt_format": 5}, {}],
+)
+def test_a_malformed_serving_block_gives_no_value_rather_than_a_wrong_one(block: dict) -> None:
+    read = serving_contract({SERVING: block})
+    assert read == ServingContract(source="manifest")
+
+
+def test_a_manifest_with_neither_has_an_empty_contract() -> None:
+    assert serving_contract({"name": "x"}) == ServingContract()

@@ -51,7 +51,14 @@ def _unknown_quantization(ckpt: Path) -> str:
     return "awq"
 
 
-@pytest.mark.parametrize("fault", [_truncate, _alter, _drop_tokenizer, _unknown_quantization])
+def _foreign_prompt_format(ckpt: Path) -> str:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["serving"]["prompt_format"] = "llama-2-chat"  # trained on a layout this service does not write
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return "prompt format 'llama-2-chat'"
+
+
+@pytest.mark.parametrize("fault", [_truncate, _alter, _drop_tokenizer, _unknown_quantization, _foreign_prompt_format])
 def test_main_process_exits_nonzero_with_reason(ci_checkpoint: Path, tmp_path: Path, fault) -> None:
     ckpt = _copy(ci_checkpoint, tmp_path)
     expected = fault(ckpt)

@@ -282,3 +282,21 @@ def test_training_prompts_carry_evidence_but_never_their_own_case(ci_run: dict[s
     m = read_manifest(ci_run["out"])
     assert m["evidence"]["k"] == 2 and m["evidence"]["pack"]["passages"] > 0
     assert m["metrics"]["gptq"]["no_evidence"]["bits_per_byte"] > 0
+
+
+def test_the_published_manifest_carries_the_serving_contract(ci_checkpoint: Path) -> None:
+    """The typed block says what the old places said (a service reading either serves alike)."""
+    from app.clinical.prompting import PROMPT_FORMAT
+    from app.manifest import SERVING, read_manifest, serving_contract
+
+    manifest = read_manifest(ci_checkpoint)
+    contract = serving_contract(manifest)
+    assert contract.source == "manifest" and contract.prompt_format == PROMPT_FORMAT
+    legacy = serving_contract({k: v for k, v in manifest.items() if k != SERVING})
+    assert legacy.source == "legacy"
+    assert (contract.evidence_k, contract.evidence_max_tokens, contract.reference_perplexities) == (
+        legacy.evidence_k,
+        legacy.evidence_max_tokens,
+        legacy.reference_perplexities,
+    )
+    assert contract.reference_perplexities and contract.evidence_k
