@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[train,dev]"
-	# newman (Postman's runner) for tests/e2e/api/test_newman.py, where Node.js is installed
-	if command -v npm >/dev/null 2>&1; then npm install -s --no-audit --no-fund --prefix $(VENV)/node newman@6.2.2 \
-	  || echo "warning: npm could not install newman; tests/e2e/api/test_newman.py will fail until it can"; fi
+	# newman (Postman's runner) for tests/e2e/api/test_newman.py and axe-core (accessibility, measured in the
+	# browser by tests/e2e/api/test_page.py), where Node.js is installed
+	if command -v npm >/dev/null 2>&1; then npm install -s --no-audit --no-fund --prefix $(VENV)/node newman@6.2.2 axe-core@4.11.0 \
+	  || echo "warning: npm could not install newman and axe-core; their tests will fail or skip until it can"; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.openai_schemas import UnsupportedParameter
 from app.api.openapi import install_openapi
-from app.api.routes import ask, health, openai, score
+from app.api.routes import ask, health, openai, page, score
 from app.api.security import Gateway, configure_logging, is_public
 from app.engine.base import CheckpointError
 from app.errors import ApiError, error_body
@@ -117,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (ask.router, score.router, openai.router, health.router):
         app.include_router(router)
+    if settings.ui:  # the clinicians' page (MEDASK_UI=false: / and /ui are 404s)
+        app.include_router(page.router)
     app.add_middleware(Gateway, settings=settings, metrics=metrics, tracker=serving)
     if settings.cors_list:  # added last, so outermost: preflights are answered before auth asks for a key
         app.add_middleware(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from app.clinical.clinic import Clinic
@@ -46,6 +47,7 @@ class Serving:
         # shutdown: draining admits no new work; once the drain period is over, what is left is cut short
         self.draining = False
         self.drain_expired = False
+        self.drain_began = float("inf")  # monotonic time SIGTERM arrived: work that arrived earlier is in flight
         self.inflight = 0  # HTTP requests being served (the gateway counts them), probes excluded
         self.scheduler: Scheduler | None = None
         self.clinic: Clinic | None = None
@@ -192,6 +194,7 @@ class Serving:
 
     def begin_drain(self) -> None:
         """SIGTERM: /ready turns 503 and new work is refused at once; in-flight work goes on."""
+        self.drain_began = time.monotonic()
         self.draining = True
         self.ready = False
         self.state = "draining"
@@ -203,11 +206,18 @@ class Serving:
         self.drain_expired = True
         log.info("drain period over", extra={"event": "drain_expired", "inflight": self.inflight})
 
-    def require_ready(self) -> Ready:
-        """The parts, or a 503 saying why not (draining, loading, failed, upstream down)."""
+    def require_ready(self, arrived: float | None = None) -> Ready:
+        """The parts, or a 503 saying why not (draining, loading, failed, upstream down). A request that
+        ``arrived`` (monotonic, stamped by the gateway) before a drain began is in-flight work and goes on
+        until the drain period ends; one that arrives after is refused at once."""
         if self.draining:
-            raise shutting_down()
-        if not self.ready or self.engine is None or self.scheduler is None or self.clinic is None:
+            in_flight = arrived is not None and arrived < self.drain_began and not self.drain_expired
+            if not in_flight:
+                raise shutting_down()
+        elif not self.ready:
+            reason = self.load_error or f"model is {self.state.replace('_', ' ')}"
+            raise ApiError(503, "service_unavailable", f"not ready: {reason}", headers={"Retry-After": "5"})
+        if self.engine is None or self.scheduler is None or self.clinic is None:
             reason = self.load_error or f"model is {self.state.replace('_', ' ')}"
             raise ApiError(503, "service_unavailable", f"not ready: {reason}", headers={"Retry-After": "5"})
         down = self.engine.unavailable()

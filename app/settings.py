@@ -135,6 +135,14 @@ class Settings(BaseSettings):
 
     api_keys: str = Field("", description="comma-separated bearer keys; empty disables auth")
     metrics_public: bool = False
+    ui: bool = Field(True, description="serve the clinicians' page at / and /ui (off: no page, / is a 404)")
+    ui_title: str = Field("MedAsk", max_length=80, description="the page's title")
+    ui_institution: str = Field("", max_length=120, description="the institution named under the page's title")
+    ui_public: bool = Field(
+        True,
+        description="serve the page (its HTML, script and style: no data) without a key; every question it asks "
+        "still needs one when MEDASK_API_KEYS is set (the page asks for it)",
+    )
     docs_public: bool | None = Field(
         None, description="serve /docs, /redoc and /openapi.json without a key; default: only when no keys are set"
     )

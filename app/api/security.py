@@ -30,6 +30,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROBES = frozenset({"/health", "/ready"})
+# the clinicians' page (app/api/routes/page.py): its HTML and its static files
+UI_PATHS = frozenset({"/", "/ui"})
+UI_STATIC = "/ui/static/"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("medask.access")
@@ -80,6 +83,8 @@ def is_public(path: str, settings: Settings) -> bool:
         return True
     if path == "/metrics":
         return settings.metrics_public
+    if path in UI_PATHS or path.startswith(UI_STATIC):
+        return settings.ui_public
     if path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         return settings.docs_are_public
     return False

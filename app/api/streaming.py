@@ -82,7 +82,7 @@ class Lifecycle(Protocol):
     draining: bool
     drain_expired: bool
 
-    def require_ready(self) -> Any: ...
+    def require_ready(self, arrived: float | None = None) -> Any: ...
 
 
 class Runner:
@@ -113,8 +113,8 @@ class Runner:
         self, request: Request, submit: Callable[[str | None, float], asyncio.Future]
     ) -> tuple[asyncio.Future, float]:
         """Queue work under the caller's key with the request's one deadline (from its arrival)."""
-        self.life.require_ready()  # a drain or an upstream outage that began while the request was prepared
         arrived = (request.scope.get("state") or {}).get("arrived") or time.monotonic()
+        self.life.require_ready(arrived)  # an upstream outage, or a drain, that began while it was prepared
         deadline = arrived + self.timeout_s
         try:
             return submit(_key(request), deadline), deadline

@@ -30,7 +30,12 @@ def serving(request: Request) -> Serving:
 ServingDep = Annotated[Serving, Depends(serving)]
 
 
-def open_door(svc: Serving) -> tuple[Ready, Runner]:
+def open_door(svc: Serving, request: Request) -> tuple[Ready, Runner]:
     """A ready service's parts and a runner for this request, or the 503 saying why not."""
-    ready = svc.require_ready()
+    ready = svc.require_ready(arrival(request))
     return ready, Runner(svc, ready.scheduler)
+
+
+def arrival(request: Request) -> float | None:
+    """When the gateway admitted the request (monotonic): a drain lets earlier requests finish."""
+    return (request.scope.get("state") or {}).get("arrived")

@@ -31,7 +31,7 @@ router = APIRouter(tags=["clinical"])
 )
 async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     t0 = time.perf_counter()
-    ready, runner = open_door(svc)
+    ready, runner = open_door(svc, request)
     plan = await ready.clinic.prepare(
         Consult(
             req.question,

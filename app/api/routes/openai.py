@@ -178,7 +178,7 @@ class _Stream:
     "when it is longer than the context the oldest turns are dropped, never the role.",
 )
 async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) -> Any:  # a response or a stream
-    ready, runner = open_door(svc)
+    ready, runner = open_door(svc, request)
     check_model(svc, req.model)
     _check_n(svc, runner, req.n, req.stream)
     role, history, question = conversation(req.messages)
@@ -297,7 +297,7 @@ def _completion_tokens(result: GenerationResult | None) -> int:
     summary="OpenAI completions: raw text or token ids; echo + logprobs (+ max_tokens=0) scores the prompt",
 )
 async def completions(req: CompletionRequest, request: Request, svc: ServingDep) -> Any:
-    ready, runner = open_door(svc)
+    ready, runner = open_door(svc, request)
     engine = ready.engine
     check_model(svc, req.model)
     prompts = req.prompts

@@ -20,7 +20,7 @@ router = APIRouter(tags=["scoring"])
     "/perplexity", response_model=PerplexityResponse, responses=ERRORS, summary="Perplexity of text or of an answer"
 )
 async def perplexity(req: PerplexityRequest, request: Request, svc: ServingDep) -> Any:
-    ready, runner = open_door(svc)
+    ready, runner = open_door(svc, request)
     engine, clinic = ready.engine, ready.clinic
     items: list[ScoreItem] = []
     for i, item in enumerate(req.items or []):
