@@ -110,11 +110,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # keep the exception's headers: a 405 must say which methods are Allowed
         return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None, exc.headers)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", extra={"event": "unhandled", "exc_type": type(exc).__name__})
-        return _error(500, "internal_error", "internal error; the request id identifies it in the logs")
-
     for router in (ask.router, score.router, openai.router, health.router):
         app.include_router(router)
     if settings.ui:  # the clinicians' page (MEDASK_UI=false: / and /ui are 404s)

@@ -171,6 +171,8 @@ class Serving:
                 probe_s=s.upstream_probe_s,
                 retries=s.upstream_retries,
                 trust_env=s.upstream_trust_env,
+                max_connections=s.upstream_max_connections,
+                total_s=s.upstream_total_s or s.request_timeout_s,
             )
         return Engine.load(s.model_dir, device=s.device, dtype=s.dtype, threads=s.threads)
 

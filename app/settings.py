@@ -43,6 +43,15 @@ class Settings(BaseSettings):
         2.0, gt=0, le=60, description="how often the upstream is probed; /ready is 503 while it is down"
     )
     upstream_retries: int = Field(2, ge=0, le=10, description="retries of a call that could not connect (only those)")
+    upstream_max_connections: int = Field(
+        16, ge=1, le=1024, description="most simultaneous connections to the upstream; further calls wait for one"
+    )
+    upstream_total_s: float | None = Field(
+        None,
+        gt=0,
+        description="most seconds one upstream call may take in all, however slowly it drips (default: "
+        "MEDASK_REQUEST_TIMEOUT_S); past it the call is cancelled and its request answered 504",
+    )
     upstream_trust_env: bool = Field(
         False,
         description="follow HTTP(S)_PROXY / NO_PROXY and .netrc for upstream calls (off: a proxy would see the key)",

@@ -36,6 +36,7 @@ UI_STATIC = "/ui/static/"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("medask.access")
+log = logging.getLogger("medask")
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,6 +75,9 @@ def configure_logging(level: str) -> None:
                 logger.addHandler(handler)
         # uvicorn.error / uvicorn.access reach the "uvicorn" handler by propagation, and stop there
         logger.propagate = name not in ("medask", "uvicorn")
+    # the gateway writes the one access line per request (medask.access); uvicorn's own would be a second
+    # (it is on when the app runs as `uvicorn app.main:app`)
+    logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("medask").setLevel(level.upper())
 
 
@@ -222,6 +226,16 @@ class Gateway:
                 await reply(
                     413, "request_too_large", f"request body exceeds the {self.settings.max_body_bytes}-byte limit"
                 )
+        except Exception as exc:
+            # the one place an unhandled error is logged (once, with its traceback) and answered; nothing is
+            # re-raised, so the server neither logs it again nor drops the client's keep-alive connection
+            log.error(
+                "unhandled error",
+                exc_info=(type(exc), exc, exc.__traceback__),
+                extra={"event": "unhandled", "exc_type": type(exc).__name__, "request_id": rid},
+            )
+            if not status_holder["started"]:
+                await reply(500, "internal_error", "internal error; the request id identifies it in the logs")
         finally:
             if counted:
                 self.tracker.inflight -= 1

@@ -138,6 +138,9 @@ class EngineBase:
     device = "none"
     continuous_batching = True
     score_problem: str | None = None  # why this engine cannot score prompts (None: it can)
+    # True: scoring and calls wait on the network (an upstream engine), and the scheduler runs them on
+    # threads of their own beside generation; False: they compute here, on the worker thread, in turn
+    concurrent_calls = False
 
     def __init__(
         self,
@@ -184,7 +187,10 @@ class EngineBase:
     ) -> list[GenerationResult]:
         raise NotImplementedError
 
-    def score(self, items: Sequence[ScoreItem], batch_size: int = 16) -> list[Score]:
+    def score(
+        self, items: Sequence[ScoreItem], batch_size: int = 16, cancelled: Callable[[], bool] | None = None
+    ) -> list[Score | BaseException]:
+        """One score per item; an engine whose items fail one by one puts the exception in its place."""
         raise NotImplementedError
 
     def prompt_logprobs(self, ids: list[int], top_k: int) -> PromptLogprobs:

@@ -200,7 +200,9 @@ class Engine(EngineBase):
         return [results[id(job)] for job in jobs]
 
     # ---- scoring -------------------------------------------------------
-    def score(self, items: Sequence[ScoreItem], batch_size: int = 16) -> list[Score]:
+    def score(
+        self, items: Sequence[ScoreItem], batch_size: int = 16, cancelled: Callable[[], bool] | None = None
+    ) -> list[Score | BaseException]:
         """log p(target | context) per item: the same math as the evaluation report."""
         pairs = [(context, target) for context, target, _ in items]
         return score_texts(self.model, self.tokenizer, pairs, batch_size, [enc for _, _, enc in items])

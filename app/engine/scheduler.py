@@ -9,6 +9,7 @@ and delivers each result, from one place (``_deliver``), to the request awaiting
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -24,6 +25,7 @@ from app.metrics import Metrics
 
 __all__ = ["QueueFull", "Scheduler"]
 
+BESIDE_THREADS = 4  # scoring requests and calls in flight at once to an upstream engine
 log = logging.getLogger("medask.scheduler")
 
 
@@ -65,6 +67,13 @@ class Scheduler:
         self.batches = 0  # model batches run, for tests and /info
         self.admitted = 0  # requests that joined a batch already running
         self.dropped = 0  # works that left the queue cancelled or past their deadline, never computed
+        # an engine whose scoring and calls wait on the network (upstream) answers them here, beside
+        # generation: a slow upstream call holds one of these threads, never the worker and every key
+        self._beside = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=BESIDE_THREADS, thread_name_prefix="medask-calls")
+            if engine.concurrent_calls
+            else None
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -74,6 +83,8 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        if self._beside is not None:
+            self._beside.shutdown(wait=False, cancel_futures=True)
 
     @property
     def waiting(self) -> int:
@@ -156,15 +167,14 @@ class Scheduler:
                     self._cond.wait(0.1 if batch is None else batch)
                     continue
                 self._gauges()
+            if batch[0].kind is not Kind.GENERATE and self._beside is not None:
+                self.batches += 1
+                self._beside.submit(self._answer_beside, batch)
+                continue
             try:
                 self._execute(batch)
             except Exception as exc:  # delivered to each caller, who maps it to a clear error
-                if isinstance(exc, EngineError):  # explained to the client; no traceback needed
-                    log.warning(exc.message, extra={"event": "engine_error", "kind": batch[0].kind.value})
-                else:
-                    log.exception("engine batch failed", extra={"event": "engine_error", "kind": batch[0].kind.value})
-                for work in batch:
-                    _deliver(work, exc=exc)
+                _failed(batch, exc)
             finally:
                 with self._cond:
                     for work in list(self.policy.running) if batch[0].kind is Kind.GENERATE else batch:
@@ -174,18 +184,41 @@ class Scheduler:
     def _execute(self, batch: list[Work]) -> None:
         self.batches += 1
         self.metrics.batch_size.observe(len(batch))
-        kind = batch[0].kind
-        if kind is Kind.GENERATE:
+        if batch[0].kind is Kind.GENERATE:
             self._generate(batch)
-        elif kind is Kind.SCORE:
-            scores = self.engine.score([item for w in batch for item in w.payload])
-            i = 0
-            for work in batch:
-                _deliver(work, result=scores[i : i + len(work.payload)])
-                i += len(work.payload)
         else:
+            self._answer(batch)
+
+    def _answer(self, batch: list[Work]) -> None:
+        """A batch of scoring requests, or a call. One item's failure fails only its own request."""
+        if batch[0].kind is Kind.CALL:
             for work in batch:
                 _deliver(work, result=work.payload(self.engine))
+            return
+        scores = self.engine.score([item for w in batch for item in w.payload], cancelled=lambda: _abandoned(batch))
+        i = 0
+        for work in batch:
+            part = scores[i : i + len(work.payload)]
+            i += len(work.payload)
+            failed = next((s for s in part if isinstance(s, BaseException)), None)
+            if failed is not None:
+                _failed([work], failed)
+            else:
+                _deliver(work, result=part)
+
+    def _answer_beside(self, batch: list[Work]) -> None:
+        """``_answer`` on a thread of its own; the batch leaves the policy when it is answered."""
+        try:
+            self.metrics.batch_size.observe(len(batch))
+            self._answer(batch)
+        except Exception as exc:
+            _failed(batch, exc)
+        finally:
+            with self._cond:
+                for work in batch:
+                    self.policy.finished(work)
+                self._gauges()
+                self._cond.notify()
 
     def _generate(self, batch: list[Work]) -> None:
         """Decode ``batch``; the policy admits queued generations into it as rows finish, and each
@@ -233,6 +266,26 @@ class Scheduler:
     def _gauges(self) -> None:
         self.metrics.waiting.set(len(self.policy.waiting))
         self.metrics.running.set(len(self.policy.running))
+
+
+def _abandoned(batch: list[Work]) -> bool:
+    """No one waits for this batch any more: every request left, or is past its deadline."""
+    now = time.monotonic()
+    return all(w.cancelled.is_set() or now > w.deadline for w in batch)
+
+
+def _failed(batch: list[Work], exc: BaseException) -> None:
+    """Each request of a failed batch hears why (it maps the failure to a clear error)."""
+    if isinstance(exc, EngineError):  # explained to the client; no traceback needed
+        log.warning(exc.message, extra={"event": "engine_error", "kind": batch[0].kind.value})
+    else:
+        log.error(
+            "engine batch failed",
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"event": "engine_error", "kind": batch[0].kind.value},
+        )
+    for work in batch:
+        _deliver(work, exc=exc)
 
 
 def _deliver(work: Work, result: Any = None, exc: BaseException | None = None, cancel: bool = False) -> None:

@@ -53,6 +53,10 @@ from app.metrics import Metrics
 class UpstreamEngine(UpstreamLink):
     """Generation, scoring and prompt log-probabilities computed upstream, on ``UpstreamLink``."""
 
+    # scoring and calls wait on the network, not on this process's CPU: the scheduler runs them beside
+    # generation, on threads of their own, so a slow upstream never holds the worker (and every key) up
+    concurrent_calls = True
+
     @classmethod
     def load(cls, folder: Path, metrics: Metrics, **kwargs: Any) -> UpstreamEngine:
         """The checkpoint's text side from ``folder`` (verified like any checkpoint), then the
@@ -85,15 +89,25 @@ class UpstreamEngine(UpstreamLink):
         """Stream a generation, handing each piece of text to the job as it comes."""
         assert self._client is not None and job.on_text is not None
         body = self._generation_body(job, stream=True)
+        pieces_left = job.params.max_new_tokens  # an upstream that ignores max_tokens is cut off here
+        try:
+            async with asyncio.timeout(self.total_s):  # the whole stream, however slowly it drips
+                return await self._read_stream(job, body, pieces_left)
+        except TimeoutError:
+            raise self._too_long() from None
+
+    async def _read_stream(
+        self, job: GenerationJob, body: dict[str, Any], pieces_left: int
+    ) -> tuple[str, Any, dict[str, Any] | None, int | None, float | None]:
+        assert job.on_text is not None
         text, finish, usage, first_at = "", None, None, None
         tokens: list[str] = []
         lps: list[Any] = []
         tops: list[Any] = []
         complete_logprobs = True
-        pieces_left = job.params.max_new_tokens  # an upstream that ignores max_tokens is cut off here
         async with self._completion(body, "stream") as r:
             async for line in bounded_lines(r, response_cap(job.params.max_new_tokens)):
-                obj = sse_payloads(line)
+                obj = await self._offload(sse_payloads, line)
                 if obj is None:
                     continue
                 if obj.get("usage"):
@@ -145,7 +159,7 @@ class UpstreamEngine(UpstreamLink):
             )
         # no log-probs with the text: score the answer as the prompt's continuation, if the upstream can;
         # if that fails the answer is still delivered, unscored
-        answer_ids = self.encode(text)
+        answer_ids = await self._offload(self._encode_off_loop, text)
         if self.score_problem is None and answer_ids:
             n = len(job.prompt_ids)
             with contextlib.suppress(UpstreamError):
@@ -226,18 +240,23 @@ class UpstreamEngine(UpstreamLink):
                 501, "not_implemented", f"the upstream engine cannot score prompts: {self.score_problem}"
             )
 
-    def score(self, items: Sequence[ScoreItem], batch_size: int = 16) -> list[Score]:
-        """log p(target | context) per item, from the upstream's echoed prompt log-probs."""
+    def score(
+        self, items: Sequence[ScoreItem], batch_size: int = 16, cancelled: Callable[[], bool] | None = None
+    ) -> list[Score | BaseException]:
+        """log p(target | context) per item, from the upstream's echoed prompt log-probs. One item's
+        failure is that item's (its request fails, the others in the batch do not); ``cancelled``
+        stops the whole call when no one is waiting for it any more."""
         self._require_scoring()
 
         async def one(target: str, ids: list[int], start: int) -> Score:
             _, lps, _ = await self._echoed(ids)
             return score_from_logprobs([float(x) for x in lps[start:] if x is not None], target)
 
-        async def all_items() -> list[Score]:
-            return list(await asyncio.gather(*(one(target, ids, start) for _, target, (ids, start) in items)))
+        async def all_items() -> list[Score | BaseException]:
+            calls = (one(target, ids, start) for _, target, (ids, start) in items)
+            return list(await asyncio.gather(*calls, return_exceptions=True))
 
-        return self._run(all_items())
+        return self._run(all_items(), cancelled=cancelled)
 
     def prompt_logprobs(self, ids: list[int], top_k: int) -> PromptLogprobs:
         self._require_scoring()

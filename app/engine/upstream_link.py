@@ -6,12 +6,14 @@ the completion calls with retries before anything was sent, and the errors a cli
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import copy
 import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,8 @@ class UpstreamLink(EngineBase):
         probe_s: float = 2.0,
         retries: int = 2,
         trust_env: bool = False,
+        max_connections: int = 16,
+        total_s: float = 120.0,
     ) -> None:
         super().__init__(tokenizer, folder, manifest, config, load_seconds, front)
         self.url = url.rstrip("/").removesuffix("/v1")  # the base URL, whether or not /v1 was given
@@ -78,6 +82,11 @@ class UpstreamLink(EngineBase):
         self.timeout_s = timeout_s
         self.probe_s = probe_s
         self.retries = retries
+        self.max_connections = max_connections  # a bounded pool: a 256-item batch must not open 256 connections
+        self.total_s = total_s  # one call's whole life, however slowly the upstream drips
+        # parsing and tokenizing upstream output runs here, never on the loop every upstream call shares
+        self._cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medask-upstream-cpu")
+        self._cpu_tokenizer: Any = None  # a tokenizer of its own (fast tokenizers are not shared across threads)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.upstream_model: str | None = None
         self.down_reason: str | None = f"the upstream engine at {self.public_url} has not been reached yet"
@@ -95,8 +104,9 @@ class UpstreamLink(EngineBase):
         self._run(self._start())
 
     async def _start(self) -> None:
-        timeout = httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # waiting for a free connection is bounded by the call's total deadline, not by the read timeout
+        timeout = httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s), pool=None)
+        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         # proxies from HTTP(S)_PROXY would see the bearer key: followed only when asked (MEDASK_UPSTREAM_TRUST_ENV)
         self._client = httpx.AsyncClient(
             timeout=timeout, limits=limits, headers=self._headers, trust_env=self.trust_env
@@ -118,10 +128,31 @@ class UpstreamLink(EngineBase):
             self._run(_close(), timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        self._cpu.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, coro: Any, timeout: float | None = None) -> Any:
-        """Run a coroutine on the engine's loop from another thread and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+    def _run(self, coro: Any, timeout: float | None = None, cancelled: Callable[[], bool] | None = None) -> Any:
+        """Run a coroutine on the engine's loop from another thread and wait for it; when ``cancelled``
+        says so (its clients left, or their deadline passed) the coroutine is cancelled, which closes
+        its upstream requests, and the caller gets an UpstreamError."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        if cancelled is None:
+            return fut.result(timeout)
+        while True:
+            try:
+                return fut.result(POLL_S * 5)
+            except concurrent.futures.TimeoutError:
+                if cancelled():
+                    fut.cancel()
+                    raise UpstreamError(499, "client_closed_request", "the request was cancelled") from None
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """CPU work on upstream output (JSON, tokenizing), off the loop that all upstream calls share."""
+        return await self._loop.run_in_executor(self._cpu, fn, *args)
+
+    def _encode_off_loop(self, text: str) -> list[int]:
+        if self._cpu_tokenizer is None:
+            self._cpu_tokenizer = copy.deepcopy(self.front)
+        return self._cpu_tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def unavailable(self) -> str | None:
         return self.down_reason
@@ -229,14 +260,26 @@ class UpstreamLink(EngineBase):
 
     async def _post(self, body: dict[str, Any], kind: str) -> dict[str, Any]:
         cap = response_cap(int(body.get("max_tokens") or 1) + len(body.get("prompt") or []))
-        async with self._completion(body, kind) as r:
-            raw, more = await read_at_most(r, cap)
-            if more:  # more than was asked for: read no further
-                raise self._broken(ResponseTooLarge(f"more than {cap} bytes"))
         try:
-            return json.loads(raw)
+            async with asyncio.timeout(self.total_s):
+                async with self._completion(body, kind) as r:
+                    raw, more = await read_at_most(r, cap)
+                    if more:  # more than was asked for: read no further
+                        raise self._broken(ResponseTooLarge(f"more than {cap} bytes"))
+        except TimeoutError:
+            raise self._too_long() from None
+        try:
+            return await self._offload(json.loads, raw)
         except ValueError:
             raise self._broken(ValueError("a body that is not JSON")) from None
+
+    def _too_long(self) -> UpstreamError:
+        self.metrics.upstream_errors.labels("timeout").inc()
+        return UpstreamError(
+            504,
+            "upstream_timeout",
+            f"the upstream engine took longer than {self.total_s:g}s in all (MEDASK_UPSTREAM_TOTAL_S); the call was cancelled",
+        )
 
     def _unreachable(self, exc: BaseException) -> UpstreamError:
         reason = f"cannot reach the upstream engine at {self.public_url} ({type(exc).__name__})"

@@ -19,6 +19,7 @@ class FakeEngine:
     """Decodes one token per step for every row; a row ends after ``max_new_tokens`` steps."""
 
     continuous_batching = True
+    concurrent_calls = False  # computes here, like the local engine (EngineBase's interface)
 
     def __init__(self, step_s: float = 0.002, fail: bool = False) -> None:
         self.step_s = step_s
@@ -44,7 +45,7 @@ class FakeEngine:
                     rows[id(job)] = [job, 0]
         return []
 
-    def score(self, items: list[Any]) -> list[Any]:
+    def score(self, items: list[Any], batch_size: int = 16, cancelled: Any = None) -> list[Any]:
         self.threads.add(threading.current_thread().name)
         return [len(i) for i in items]
 
