@@ -70,7 +70,7 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
     )
-    steps = train_resumable(trainer, tokenizer, work, "dpo")
+    steps = train_resumable(trainer, tokenizer, work, "dpo", recipe)
     return stage.finish(
         {"rows": len(rows), "negatives": cfg.negatives, "mismatch": cfg.mismatch, "steps": steps, "losses": losses}
     )

@@ -28,9 +28,18 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def load_model(folder: Path, recipe: Recipe) -> Any:
+    """Float32 master weights, whatever ``recipe.dtype`` says: AdamW on half-precision weights underflows
+    (its eps is 1e-8) and the paper's float16 recipe turned every weight NaN after one DPO step on a CPU.
+    ``recipe.dtype`` is the compute precision (mixed precision on a GPU: ``common_args``) and the precision
+    each stage saves its model in (``save_model``)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[recipe.dtype])
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def save_model(model: Any, out: Path, recipe: Recipe) -> None:
+    """A stage's model on disk in the recipe's precision (a 7B model in float16: half of float32)."""
+    model.to(DTYPES[recipe.dtype]).save_pretrained(out)
 
 
 def common_args(recipe: Recipe, output_dir: Path, save_steps: int) -> dict[str, Any]:
@@ -40,7 +49,9 @@ def common_args(recipe: Recipe, output_dir: Path, save_steps: int) -> dict[str, 
         "output_dir": str(output_dir),
         "seed": recipe.seed,
         "use_cpu": not on_gpu,
+        # mixed precision on a GPU (float32 master weights); a CPU computes in float32 (its float16 is emulated)
         "bf16": on_gpu and recipe.dtype == "bfloat16",
+        "fp16": on_gpu and recipe.dtype == "float16",
         "report_to": [],
         "logging_steps": 1,
         "save_strategy": "steps",
@@ -53,7 +64,7 @@ def common_args(recipe: Recipe, output_dir: Path, save_steps: int) -> dict[str, 
     }
 
 
-def train_resumable(trainer: Any, tokenizer: Any, out: Path, name: str) -> int:
+def train_resumable(trainer: Any, tokenizer: Any, out: Path, name: str, recipe: Recipe) -> int:
     """Train (resuming from the newest Trainer checkpoint), save into ``out``, drop the checkpoints.
 
     Returns the number of optimizer steps taken over the whole run.
@@ -69,7 +80,7 @@ def train_resumable(trainer: Any, tokenizer: Any, out: Path, name: str) -> int:
     if resume:
         print(f"[{name}] resuming from {ckpts[-1].name}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
+    save_model(trainer.model, out, recipe)
     tokenizer.save_pretrained(out)
     write_json(out / "train_log.json", trainer.state.log_history)
     shutil.rmtree(trainer_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from training.config import Recipe
 from training.data import MedTextRow, train_rows
 from training.evidence import CasePrompter, case_prompter
-from training.hf import common_args, load_model, load_tokenizer, train_resumable
+from training.hf import common_args, load_model, load_tokenizer, save_model, train_resumable
 from training.stages import Stage, write_json
 
 
@@ -32,7 +32,7 @@ def run_sft(stage: Stage, base_stage: Stage, recipe: Recipe) -> Path:
     model = load_model(src, recipe)
     if not recipe.sft.enabled:
         # the paper's setup goes straight to DPO: pass the base through, with our template
-        model.save_pretrained(work)
+        save_model(model, work, recipe)
         tokenizer.save_pretrained(work)
         return stage.finish({"skipped": True, "rows": len(rows)})
 
@@ -56,5 +56,5 @@ def run_sft(stage: Stage, base_stage: Stage, recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(sft_examples(case_prompter(tokenizer, recipe, stage.work), rows)),
         processing_class=tokenizer,
     )
-    steps = train_resumable(trainer, tokenizer, work, "sft")
+    steps = train_resumable(trainer, tokenizer, work, "sft", recipe)
     return stage.finish({"rows": len(rows), "steps": steps})
