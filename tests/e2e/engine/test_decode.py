@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.engine.base import GenerationJob, SamplingParams
 from app.engine.batch import StaticDecodeBatch
@@ -57,7 +58,10 @@ def test_every_weight_path_gives_the_models_answers(
     """The 4-bit kernel and dense copies read back through it compute the same model: the reference's
     greedy tokens, log-probs within bfloat16's rounding; auto picks one and says which, with timings."""
     engine = Engine.load(ci_checkpoint)
-    engine.use_static_decoder(max_rows=4, decode_weights=decode, prompt_weights=prompt, lm_head="auto")
+    # the head's dtype is not what this test is about: timed (auto), it could turn bfloat16 under load and add
+    # its own rounding; the forced paths keep a float32 head, auto keeps auto (with the tolerance below)
+    head = "auto" if decode == "auto" else "float32"
+    engine.use_static_decoder(max_rows=4, decode_weights=decode, prompt_weights=prompt, lm_head=head)
     d = engine.decoder
     assert d is not None
     if decode != "auto":
@@ -73,7 +77,9 @@ def test_every_weight_path_gives_the_models_answers(
     got = engine.generate(jobs(engine))
     for g, w in zip(got, reference.generate(jobs(reference)), strict=True):
         assert g.token_ids == w.token_ids
-        assert g.logprobs == pytest.approx(w.logprobs, abs=5e-3)
+        # bfloat16 weights or head round to ~3 significant digits: 5e-3, and more with both
+        tol = 5e-3 if d.head_dtype == torch.float32 else 1.5e-2
+        assert g.logprobs == pytest.approx(w.logprobs, abs=tol)
 
 
 def test_a_forced_weight_path_that_does_not_fit_is_a_clear_error(ci_checkpoint: Path) -> None:

@@ -1,8 +1,8 @@
 """The reproduction path a hospital with a GPU takes, run here on the CPU so it cannot rot (issue 26): the
 `paper` recipe as written (an outside Hugging Face Llama folder as the base, no SFT, DPO with the paper's
 single-space negatives and AdamW, GPTQ int4) with only its sizes overridden to seconds. The base is the
-shipped model exported as a plain Hugging Face folder (`training export --format hf`): a folder the pipeline
-did not build. The published checkpoint must verify, name its base, and serve an answer."""
+test session's checkpoint exported as a plain Hugging Face folder (`training export --format hf`): a folder
+the pipeline did not build for this run. The published checkpoint must verify, name its base, and serve an answer."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ SECONDS = [
 ]
 
 
-def test_the_paper_recipe_runs_end_to_end_on_an_outside_llama_folder(tmp_path: Path) -> None:
+def test_the_paper_recipe_runs_end_to_end_on_an_outside_llama_folder(ci_checkpoint: Path, tmp_path: Path) -> None:
     base = tmp_path / "llama-hf"
-    run_training("export", str(ROOT / "model_artifacts" / "default"), "--format", "hf", "--out", str(base))
+    run_training("export", str(ci_checkpoint), "--format", "hf", "--out", str(base))
     assert (base / "config.json").is_file() and not (base / "manifest.json").exists()  # a plain HF folder
     out = tmp_path / "paper"
     overrides = [arg for s in [f"base.path={base}", *SECONDS] for arg in ("--set", s)]
