@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,12 @@ SNIPPET_CHARS = 600
 DEFAULT_K = 3
 DEFAULT_MAX_TOKENS = 256
 # candidates scored before one-passage-per-document and exclusions cut to k
-_CANDIDATES = 64
+_CANDIDATES = 64  # passages reranked per query
+# Retrieval weights, chosen on the LiveQA 2017 medical *training* questions and MedText *train* cases
+# (benchmarks/retrieval.py), never on the LiveQA test questions or the held-out split it reports
+NAMED_BOOST = 2  # a condition the question names is searched for this many times over
+FOCUS_BONUS = 1.0  # a passage about a condition the question names scores (1 + this) times its BM25
+_NAME_WORD = re.compile(r"[a-z0-9]+")
 
 
 class EvidenceError(RuntimeError):
@@ -140,34 +146,60 @@ class EvidencePack:
         exclude_docs: Collection[str] = (),
         sources: Collection[str] | None = None,
     ) -> list[Passage]:
-        """The top ``k`` passages for ``query``, one per document, ties broken by index order.
+        """The top ``k`` passages for ``query``, one per document, ties broken by BM25 rank then index order.
 
+        BM25, then two steps for the conditions the question names (the pack's condition names found in
+        it): they are searched for ``NAMED_BOOST`` times more than the other words (a consumer's question
+        drowns its one condition in words about family, age and worry), and among the best
+        ``_CANDIDATES`` passages one about a named condition scores ``1 + FOCUS_BONUS`` times its BM25.
         ``exclude_docs``: documents never returned (a training case's own id).
         ``sources``: only passages from these sources (evaluation per source).
         """
         import numpy as np
 
-        tokens = tokenize_query(query)
-        if not tokens or k <= 0:
+        if k <= 0:
+            return []
+        names = self.named_conditions(query)
+        tokens = tokenize_query(query) + (tokenize_query(" ".join(names)) * NAMED_BOOST if names else [])
+        if not tokens:
             return []
         scores = self.retriever.get_scores(tokens)
         # stable sort on -score: equal scores keep corpus order, so retrieval is deterministic
         order = np.argsort(-scores, kind="stable")
-        out: list[Passage] = []
-        seen: set[str] = set()
-        limit = _CANDIDATES if sources is None and not exclude_docs else len(order)
-        for i in order[:limit]:
+        best: dict[str, tuple[float, int, Passage]] = {}
+        seen = 0
+        for rank, i in enumerate(order):
             score = float(scores[i])
-            if score <= 0:
+            if score <= 0 or seen >= _CANDIDATES:
                 break
             p = self.passages[int(i)]
-            if p.doc_id in seen or p.doc_id in exclude_docs or (sources is not None and p.source not in sources):
+            if p.doc_id in exclude_docs or (sources is not None and p.source not in sources):
                 continue
-            seen.add(p.doc_id)
-            out.append(Passage(p.id, p.doc_id, p.title, p.text, p.url, p.source, p.focus, score))
-            if len(out) >= k:
-                break
-        return out
+            seen += 1
+            if names and any(_names_key(f) in names for f in p.focus):
+                score *= 1 + FOCUS_BONUS
+            if p.doc_id not in best or score > best[p.doc_id][0]:
+                best[p.doc_id] = (score, rank, p)
+        ranked = sorted(best.values(), key=lambda x: (-x[0], x[1]))[:k]
+        return [Passage(p.id, p.doc_id, p.title, p.text, p.url, p.source, p.focus, s) for s, _, p in ranked]
+
+    def named_conditions(self, text: str) -> list[str]:
+        """The pack's condition names found in ``text`` (longest first, none inside another)."""
+        words = _NAME_WORD.findall(text.lower())
+        found: list[str] = []
+        for n in (4, 3, 2, 1):
+            for i in range(len(words) - n + 1):
+                gram = " ".join(words[i : i + n])
+                if gram in self.names and not any(gram in f for f in found):
+                    found.append(gram)
+        return found
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The condition names retrieval recognises: the lexicon, as plain lower-case words."""
+        if not hasattr(self, "_names"):
+            self._names = frozenset(_names_key(n) for n in self.lexicon)
+        return self._names
 
     @property
     def lexicon(self) -> frozenset[str]:
@@ -298,3 +330,8 @@ def check_pack_against(pack: EvidencePack | None, manifest: dict[str, Any], pinn
             f"evidence pack {pack.folder} calls itself {named['name']!r}, the pack this checkpoint names, but "
             f"its digest is {pack.pack_sha256}, not the checkpoint's {named['pack_sha256']}: its files were changed"
         )
+
+
+def _names_key(name: str) -> str:
+    """A condition name as retrieval compares it: lower-case words, punctuation dropped."""
+    return " ".join(_NAME_WORD.findall(name.lower()))

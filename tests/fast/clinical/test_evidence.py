@@ -195,3 +195,40 @@ def test_a_pack_is_pinned_by_a_digest_kept_outside_it(pack_dir: Path, tmp_path: 
     assert forged.pack_sha256 != good.pack_sha256  # but what was loaded has another digest
     with pytest.raises(EvidenceError, match="not the pinned pack"):
         EvidencePack.load(edited, pin=good.pack_sha256)
+
+
+def test_a_condition_the_question_names_is_found_however_much_else_it_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer's question drowns its one condition in words about family and worry; BM25 alone
+    follows those words, MedAsk's retrieval searches the named condition harder and ranks passages about it
+    up (benchmarks/retrieval.py measures it on LiveQA)."""
+    from app.clinical import evidence
+
+    worry = "my son was bitten while hunting in the woods and we are worried, he is tired and his son is worried too"
+    docs = [
+        {
+            "id": "lyme",
+            "title": "Lyme disease",
+            "text": "Lyme disease is an infection spread by ticks; early antibiotics cure most cases.",
+            "source": "MedQuAD",
+            "focus": ["Lyme disease"],
+            "url": None,
+        },
+        {
+            "id": "camp",
+            "title": "Hunting trips",
+            "text": f"Advice for families: {worry}. Rest, fluids and sleep help when tired after hunting.",
+            "source": "MedQuAD",
+            "focus": ["Fatigue"],
+            "url": None,
+        },
+    ]
+    build_pack(docs, tmp_path / "p", "t")
+    pack = EvidencePack.load(tmp_path / "p")
+    question = f"{worry}. Could this be Lyme disease?"
+    assert pack.named_conditions(question) == ["lyme disease"]
+    assert pack.retrieve(question, 2)[0].doc_id == "lyme"
+    monkeypatch.setattr(evidence, "NAMED_BOOST", 0)
+    monkeypatch.setattr(evidence, "FOCUS_BONUS", 0.0)
+    assert pack.retrieve(question, 2)[0].doc_id == "camp"  # BM25 alone: the worry wins
