@@ -27,8 +27,8 @@ COPY model_artifacts/default /models/medask
 COPY model_artifacts/evidence/manifest.json /models/evidence/manifest.json
 RUN python -m training evidence --default --out /models/evidence
 ENV MEDASK_EVIDENCE_DIR=/models/evidence
-RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache /var/cache/medask \
-    && chown -R medask /home/medask /var/cache/medask
+RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache /var/cache/medask /var/lib/medask \
+    && chown -R medask /home/medask /var/cache/medask /var/lib/medask
 USER medask
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
@@ -57,8 +57,8 @@ COPY model_artifacts/default /models/medask
 COPY model_artifacts/evidence/manifest.json /models/evidence/manifest.json
 RUN python -m training evidence --default --out /models/evidence
 ENV MEDASK_EVIDENCE_DIR=/models/evidence
-RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache /var/cache/medask \
-    && chown -R medask /home/medask /var/cache/medask
+RUN useradd --create-home --uid 10001 medask && mkdir -p /home/medask/.cache /var/cache/medask /var/lib/medask \
+    && chown -R medask /home/medask /var/cache/medask /var/lib/medask
 USER medask
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 CMD curl -fsS http://127.0.0.1:8000/ready || exit 1

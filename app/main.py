@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.openai_schemas import UnsupportedParameter
 from app.api.openapi import install_openapi
-from app.api.routes import ask, health, openai, page, score
+from app.api.routes import ask, feedback, health, openai, page, score
 from app.api.security import Gateway, configure_logging, is_public
 from app.engine.base import CheckpointError
 from app.errors import ApiError, error_body
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # keep the exception's headers: a 405 must say which methods are Allowed
         return _error(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail), None, exc.headers)
 
-    for router in (ask.router, score.router, openai.router, health.router):
+    for router in (ask.router, score.router, openai.router, health.router, feedback.router):
         app.include_router(router)
     if settings.ui:  # the clinicians' page (MEDASK_UI=false: / and /ui are 404s)
         app.include_router(page.router)

@@ -119,5 +119,13 @@ class Metrics:
             registry=r,
         )
 
+        # clinicians' ratings, by rating and reason (fixed lists: never free text)
+        self.feedback = Counter(
+            "medask_feedback", "Feedback received, by rating and reason", ["rating", "reason"], registry=r
+        )
+        self.feedback_store_errors = Counter(
+            "medask_feedback_store_errors", "Answers or feedback the store could not write", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

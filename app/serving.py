@@ -20,6 +20,7 @@ from app.engine.base import CheckpointError, EngineBase, GenerationJob, Sampling
 from app.engine.local import Engine
 from app.engine.scheduler import Scheduler
 from app.errors import ApiError, shutting_down
+from app.feedback.service import FeedbackService
 from app.manifest import serving_contract
 from app.metrics import Metrics
 from app.settings import Settings
@@ -51,6 +52,7 @@ class Serving:
         self.inflight = 0  # HTTP requests being served (the gateway counts them), probes excluded
         self.scheduler: Scheduler | None = None
         self.clinic: Clinic | None = None
+        self.feedback: FeedbackService | None = None  # the feedback store, when MEDASK_FEEDBACK is on
         self.ready = False
         self.load_error: str | None = None
         self.state = "starting"
@@ -79,6 +81,8 @@ class Serving:
             )
         except SafetyRulesError as exc:
             raise CheckpointError(str(exc)) from exc
+        if s.feedback:
+            self.feedback = self._open_feedback()
         try:
             self.evidence, self.evidence_note = open_pack(s.evidence, s.evidence_dir, s.evidence_sha256)
         except EvidenceError as exc:
@@ -155,6 +159,25 @@ class Serving:
             if result.finish_reason not in ("stop", "length"):
                 raise CheckpointError("warm-up generation failed")
 
+    def _open_feedback(self) -> FeedbackService:
+        """The feedback store, its schema brought up to date; a database that cannot be opened is a clear
+        start-up error (its URL shown without its password)."""
+        from app.feedback.service import FeedbackService
+        from app.feedback.store import Store
+
+        s = self.settings
+        try:
+            store = Store.open(s.database_url, s.feedback_store_text, s.feedback_retention_days)
+        except Exception as exc:
+            from sqlalchemy.engine import make_url
+
+            try:
+                shown = make_url(s.database_url).render_as_string(hide_password=True)
+            except Exception:
+                shown = "MEDASK_DATABASE_URL"
+            raise CheckpointError(f"the feedback database {shown} cannot be opened: {type(exc).__name__}") from exc
+        return FeedbackService(store, self.metrics)
+
     def _load_engine(self) -> EngineBase:
         s = self.settings
         if s.engine == "upstream":
@@ -181,6 +204,8 @@ class Serving:
             self.scheduler.stop()
         if self.engine is not None:
             self.engine.close()
+        if self.feedback is not None:
+            self.feedback.close()
 
     def unavailable(self) -> str | None:
         """Why a loaded service cannot answer now (its upstream engine is down), or None."""

@@ -143,6 +143,20 @@ class Settings(BaseSettings):
     exit_on_load_failure: bool = True
 
     api_keys: str = Field("", description="comma-separated bearer keys; empty disables auth")
+    admin_keys: str = Field(
+        "", description="comma-separated bearer keys that may also read, export and delete feedback (/feedback/*)"
+    )
+    feedback: bool = Field(True, description="keep answers for feedback and accept POST /feedback")
+    database_url: str = Field(
+        "sqlite:///runs/medask-feedback.db",
+        description="the feedback store: a SQLite file (default) or postgresql://user:pass@host/db",
+    )
+    feedback_store_text: bool = Field(
+        False,
+        description="keep question, history, answer and correction text in the feedback store (off: only their "
+        "sha256 digests, ratings, reasons, roles and versions; corrections for training need it on)",
+    )
+    feedback_retention_days: int = Field(30, ge=1, le=3650, description="how long an answer can be rated")
     metrics_public: bool = False
     ui: bool = Field(True, description="serve the clinicians' page at / and /ui (off: no page, / is a 404)")
     ui_title: str = Field("MedAsk", max_length=80, description="the page's title")
@@ -199,6 +213,10 @@ class Settings(BaseSettings):
     @property
     def docs_are_public(self) -> bool:
         return self.docs_public if self.docs_public is not None else not self.keys
+
+    @cached_property
+    def admin_key_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.admin_keys.split(",") if k.strip())
 
     @cached_property
     def keys(self) -> tuple[str, ...]:

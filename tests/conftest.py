@@ -53,6 +53,7 @@ def ci_checkpoint(ci_run: dict[str, Path]) -> Path:
 # ---- a real server on loopback --------------------------------------------
 
 API_KEYS = ("test-key-alpha", "test-key-beta")
+ADMIN_KEY = "test-admin-gamma"  # reads and deletes feedback (the `server` fixture's MEDASK_ADMIN_KEYS)
 # a string that only ever appears in request bodies: the log-hygiene tests look for it
 MARKER = "zebra-quokka-7731"
 
@@ -93,6 +94,8 @@ def start_server(
         # compiling the decode step adds seconds to every start: servers run the eager static step
         # unless a test asks; the main `server` fixture runs the compiled default
         "MEDASK_COMPILE": "false",
+        # each server its own feedback store, beside its log
+        "MEDASK_DATABASE_URL": f"sqlite:///{log_path.parent / f'feedback-{port}.db'}",
         **env,
     }
     log_fh = log_path.open("w")
@@ -142,6 +145,8 @@ def server(ci_checkpoint: Path, ci_pack: Path, tmp_path_factory: pytest.TempPath
         MEDASK_EVIDENCE="true",
         MEDASK_EVIDENCE_DIR=str(ci_pack),
         MEDASK_API_KEYS=",".join(API_KEYS),
+        MEDASK_ADMIN_KEYS=ADMIN_KEY,
+        MEDASK_FEEDBACK_STORE_TEXT="true",
         MEDASK_QUEUE_SIZE="32",
         MEDASK_MAX_BATCH_SIZE="8",
         MEDASK_BATCH_WAIT_MS="50",

@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the GGUF file, or the folder for --format hf")
     export.add_argument("--outtype", default="f32", help="GGUF tensor type for llama.cpp's converter (f32, f16, q8_0)")
     export.add_argument("--llama-cpp", default="runs/llama.cpp/src", help="llama.cpp source tree (its converter)")
+
+    prefs = sub.add_parser("preferences", help="clinicians' feedback as DPO pairs (recipe: dpo.feedback_pairs)")
+    prefs.add_argument("--from-feedback", required=True, help="a feedback export (JSON lines) or a database URL")
+    prefs.add_argument("--out", required=True, help="the pairs file (JSON lines)")
     return p
 
 
@@ -76,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "evidence":
         return _evidence(args)
+    if args.command == "preferences":
+        from training.feedback import write_pairs
+
+        try:
+            counts = write_pairs(args.from_feedback, Path(args.out))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"{counts.get('pairs', 0)} pairs written to {args.out}; "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
+        return 0
     if args.command == "export":
         from training.export import ExportError, export
 

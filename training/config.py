@@ -122,6 +122,9 @@ class DPOSection(_Section):
     rpo_alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
     sample_max_new_tokens: PosInt = 128
     save_steps: PosInt = 100
+    # pairs from clinicians' feedback (`python -m training preferences`), added to the built pairs; left out
+    # of the dump while unset, so adding it changed no existing stage key
+    feedback_pairs: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class QuantizeSection(_Section):

@@ -8,10 +8,12 @@ grows: the likelihood-displacement failure of plain DPO with hard negatives.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from training.config import Recipe
 from training.data import train_rows
 from training.evidence import case_prompter
+from training.feedback import load_pairs
 from training.hf import common_args, load_model, load_tokenizer, train_resumable
 from training.preferences import preference_pairs
 from training.stages import Stage, write_json
@@ -44,6 +46,11 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
         )
         write_json(pairs_path, pairs)
 
+    built = len(pairs)
+    if cfg.feedback_pairs:  # clinicians' corrections, prompted as the service prompts them
+        pairs = pairs + feedback_prompts(load_pairs(Path(cfg.feedback_pairs)), tokenizer, recipe, stage.work)
+    by_source = {"built": built, "feedback": len(pairs) - built}
+
     losses, weights = ["sigmoid"], [1.0]
     if cfg.rpo_alpha > 0:
         losses.append("sft")
@@ -72,5 +79,32 @@ def run_dpo(stage: Stage, sft_stage: Path, recipe: Recipe) -> Path:
     )
     steps = train_resumable(trainer, tokenizer, work, "dpo", recipe)
     return stage.finish(
-        {"rows": len(rows), "negatives": cfg.negatives, "mismatch": cfg.mismatch, "steps": steps, "losses": losses}
+        {
+            "rows": len(rows),
+            "negatives": cfg.negatives,
+            "mismatch": cfg.mismatch,
+            "steps": steps,
+            "losses": losses,
+            "pairs_by_source": by_source,
+        }
     )
+
+
+def feedback_prompts(pairs: list[dict], tokenizer: Any, recipe: Recipe, work: Path) -> list[dict[str, str]]:
+    """Feedback pairs as DPO triples: the prompt the service built (role, conversation, the evidence it
+    would retrieve), the clinician's correction chosen, the service's answer rejected."""
+    from app.clinical.evidence import gather
+    from app.clinical.prompting import render_prompt
+
+    prompter = case_prompter(tokenizer, recipe, work)
+    out = []
+    for p in pairs:
+        block = ""
+        if prompter.pack is not None:
+            _, block = gather(
+                prompter.pack, p["role"], p["question"], prompter.count_tokens, prompter.k, prompter.max_tokens
+            )
+        history = [(t["role"], t["content"]) for t in p.get("history") or []]
+        prompt = render_prompt(tokenizer, p["question"], p["role"], block, history)
+        out.append({"prompt": prompt, "chosen": p["chosen"], "rejected": p["rejected"]})
+    return out

@@ -8,6 +8,7 @@ training) with the SFT model as reference, as DPO's implicit reward defines it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,9 @@ def _dpo_summary(work: Path, metrics: dict[str, dict[str, Any]]) -> dict[str, An
     """What happened to logps/chosen during DPO: the likelihood-displacement check."""
     steps = [h for h in read_log(work / "dpo" / "train_log.json") if "logps/chosen" in h]
     summary: dict[str, Any] = {"steps": len(steps)}
+    done = work / "dpo" / "STAGE_DONE.json"
+    if done.is_file():  # built pairs and clinicians' feedback pairs, counted apart
+        summary["pairs_by_source"] = json.loads(done.read_text()).get("pairs_by_source")
     if steps:
         k = max(1, len(steps) // 10)
         first, last = steps[:k], steps[-k:]

@@ -29,7 +29,7 @@ GRAPH: tuple[Node, ...] = (
     # the evidence pack, built from the vendored sources (the train split's cases only)
     Node("evidence", (), lambda r, data: (r.evidence, r.data.train_rows, data), holds_model=False),
     Node("sft", ("base", "evidence"), lambda r, data: (r.sft, r.dtype), holds_model=True),
-    Node("dpo", ("sft",), lambda r, data: (r.dpo,), holds_model=True),
+    Node("dpo", ("sft",), lambda r, data: (r.dpo, *_file_digest(r.dpo.feedback_pairs)), holds_model=True),
     Node("gptq", ("dpo",), lambda r, data: (r.quantize,), holds_model=True),
     Node("eval", ("gptq",), lambda r, data: (r.evaluate, r.data.eval_rows), holds_model=False),
 )
@@ -49,3 +49,13 @@ def keys(recipe: Recipe, data: str) -> dict[str, str]:
 def published_stage(recipe: Recipe) -> str:
     """The stage whose model is published: GPTQ's, or DPO's when quantization is off."""
     return "gptq" if recipe.quantize.enabled else "dpo"
+
+
+def _file_digest(path: str | None) -> tuple[str, ...]:
+    """A feedback pairs file's content in the dpo key (nothing when there is none: old keys unchanged)."""
+    if path is None:
+        return ()
+    import hashlib
+    from pathlib import Path
+
+    return (hashlib.sha256(Path(path).read_bytes()).hexdigest(),)

@@ -167,6 +167,12 @@ def render_report(recipe: Recipe, result: dict[str, Any], samples: list[dict[str
         "",
     ]
     dpo = result["dpo"]
+    if dpo.get("pairs_by_source"):
+        src = dpo["pairs_by_source"]
+        lines += [
+            f"DPO pairs by source: {src.get('built', 0)} built from the train split, {src.get('feedback', 0)} from clinicians' feedback.",
+            "",
+        ]
     if dpo.get("steps"):
         lines += [
             f"Negatives: `{recipe.dpo.negatives}` (`{recipe.dpo.mismatch}`); RPO NLL weight (`rpo_alpha`): {recipe.dpo.rpo_alpha}. "

@@ -175,7 +175,7 @@ class Gateway:
                 auth = headers.get("authorization", "")
                 scheme, _, token = auth.partition(" ")
                 caller = (
-                    check_key(token.strip(), self.settings.keys)
+                    check_key(token.strip(), self.settings.keys + self.settings.admin_key_list)
                     if scheme.lower() == "bearer" and token.strip()
                     else None
                 )

@@ -49,7 +49,7 @@ def test_dashboard_covers_what_ops_asked_for() -> None:
 def test_postman_collection_lists_every_route() -> None:
     col = json.loads((DEPLOY / "postman" / "medask.postman_collection.json").read_text())
     assert col["info"]["schema"].endswith("v2.1.0/collection.json")
-    assert {v["key"] for v in col["variable"]} == {"baseUrl", "apiKey", "model"}
+    assert {v["key"] for v in col["variable"]} == {"baseUrl", "apiKey", "adminKey", "model"}
     # a path parameter is a {{variable}} in Postman, {name} in OpenAPI
     paths = {
         re.sub(r"\{\{?[^/]*\}\}?", "{}", "/" + "/".join(r["request"]["url"]["path"]))

@@ -39,6 +39,12 @@ const TEXT = {
     errNetwork: "The service could not be reached.",
     errOther: (m) => `The request was refused: ${m}`,
     sourcesHeading: "Sources",
+    feedbackHeading: "Was this answer right?", rateUp: "Yes, helpful", rateDown: "No",
+    reasonsLegend: "What was wrong (optional)", r_wrong: "wrong", r_unsafe: "unsafe", r_outdated: "outdated",
+    r_unsupported: "not supported by the sources", r_incomplete: "incomplete", r_off_topic: "off-topic",
+    correctionLabel: "What it should say (optional)", sendFeedback: "Send feedback",
+    feedbackThanks: "Thank you: your feedback was saved.", feedbackPick: "Choose yes or no first.",
+    feedbackGone: "This answer can no longer be rated (it is older than the service keeps answers).",
   },
   "pt-BR": {
     skip: "Ir para a pergunta", language: "Idioma", keyHeading: "Chave de API", keyOpen: "Chave de API",
@@ -71,6 +77,12 @@ const TEXT = {
     errNetwork: "Não foi possível falar com o serviço.",
     errOther: (m) => `O pedido foi recusado: ${m}`,
     sourcesHeading: "Fontes",
+    feedbackHeading: "Esta resposta estava certa?", rateUp: "Sim, útil", rateDown: "Não",
+    reasonsLegend: "O que estava errado (opcional)", r_wrong: "errada", r_unsafe: "insegura", r_outdated: "desatualizada",
+    r_unsupported: "sem apoio nas fontes", r_incomplete: "incompleta", r_off_topic: "fora do tema",
+    correctionLabel: "O que deveria dizer (opcional)", sendFeedback: "Enviar avaliação",
+    feedbackThanks: "Obrigado: sua avaliação foi salva.", feedbackPick: "Escolha sim ou não primeiro.",
+    feedbackGone: "Esta resposta não pode mais ser avaliada (é mais antiga do que o serviço guarda).",
   },
 };
 
@@ -220,6 +232,25 @@ function renderSummary(s) {
   const pct = s.quality ? s.quality.perplexity_percentile : null;
   $("perplexity").textContent = s.perplexity === null || s.perplexity === undefined ? (s.perplexity_note || "") : t("perplexity", s.perplexity, pct);
   $("copy").disabled = false;
+  $("feedback-form").hidden = !s.id;
+}
+
+async function sendFeedback() {
+  const rating = document.querySelector('input[name="rating"]:checked');
+  if (!last || !rating) { $("feedback-status").textContent = t("feedbackPick"); return; }
+  const body = { answer_id: last.id, rating: rating.value, rater_role: $("role").value.trim() || undefined };
+  body.reasons = [...document.querySelectorAll("#reasons input:checked")].map((x) => x.value);
+  const correction = $("correction").value.trim();
+  if (correction) body.correction = correction;
+  try {
+    const resp = await fetch("/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+    if (resp.status === 404) { $("feedback-status").textContent = t("feedbackGone"); return; }
+    if (!resp.ok) { $("feedback-status").textContent = await errorMessage(resp); return; }
+    $("feedback-status").textContent = t("feedbackThanks");
+    $("send-feedback").disabled = true;
+  } catch (_) {
+    $("feedback-status").textContent = t("errNetwork");
+  }
 }
 
 function copyText(s) {
@@ -255,6 +286,10 @@ async function ask() {
   showError("");
   last = null;
   $("copy").disabled = true;
+  $("feedback-form").hidden = true;
+  $("feedback-form").reset();
+  $("send-feedback").disabled = false;
+  $("feedback-status").textContent = "";
   $("result").hidden = false;
   $("banner").hidden = true;
   $("answer").replaceChildren();
@@ -338,6 +373,7 @@ function init() {
   });
   $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
   $("copy").addEventListener("click", copyWithCitations);
+  $("feedback-form").addEventListener("submit", (e) => { e.preventDefault(); sendFeedback(); });
   $("new-conversation").addEventListener("click", () => {
     history = [];
     $("conversation").replaceChildren();

@@ -7,6 +7,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.api.streaming import Runner
+from app.clinical.clinic import Answer, Plan
+from app.feedback.store import Answered
 from app.serving import Ready, Serving
 
 ERRORS = {
@@ -39,3 +41,25 @@ def open_door(svc: Serving, request: Request) -> tuple[Ready, Runner]:
 def arrival(request: Request) -> float | None:
     """When the gateway admitted the request (monotonic): a drain lets earlier requests finish."""
     return (request.scope.get("state") or {}).get("arrived")
+
+
+def remember(svc: Serving, rid: str, route: str, plan: Plan, answer: Answer) -> None:
+    """Keep what feedback on this answer needs (queued: the answer never waits for the store)."""
+    if svc.feedback is None:
+        return
+    c = plan.consult
+    svc.feedback.record(
+        Answered(
+            id=rid,
+            route=route,
+            role=c.role,
+            model=svc.model_name,
+            rules_version=plan.triage.rules_version,
+            triage_level=plan.triage.level,
+            question=c.question,
+            answer=answer.text,
+            answer_source=answer.grounding.answer_source if answer.grounding is not None else None,
+            evidence_ids=[p.id for p in plan.passages],
+            history=[{"role": speaker, "content": text} for speaker, text in c.history],
+        )
+    )

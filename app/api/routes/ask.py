@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.api.routes import ERRORS, STREAMED, ServingDep, open_door
+from app.api.routes import ERRORS, STREAMED, ServingDep, open_door, remember
 from app.api.schemas import DISCLAIMER, AskRequest, AskResponse, Usage
 from app.api.streaming import fixed_events, new_id, sse
 from app.clinical.clinic import Answer, Consult, Plan
@@ -47,7 +47,9 @@ async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
     runner.note(request, 0, 0, question=req.question, role=req.role)
     rid = new_id("ask")
     if plan.refused:  # the rule layer is sure: no model call
-        summary = _summary(svc.model_name, req, rid, plan, ready.clinic.deliver(plan, None), None, t0)
+        refusal = ready.clinic.deliver(plan, None)
+        remember(svc, rid, "ask", plan, refusal)
+        summary = _summary(svc.model_name, req, rid, plan, refusal, None, t0)
         runner.note(request, 0, 0, answer=summary["answer"])
         if not req.stream:
             return summary
@@ -59,6 +61,7 @@ async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
 
         def on_done(result: GenerationResult) -> list[str]:
             tail, delivered = answer.close(result)
+            remember(svc, rid, "ask", plan, delivered)  # queued before the summary leaves: feedback can follow it
             summary = _summary(svc.model_name, req, rid, plan, delivered, result, t0)
             runner.note(request, 0, 0, answer=summary["answer"])
             return [*([sse({"text": tail}, "token")] if tail else []), sse(summary, "summary")]
@@ -72,7 +75,9 @@ async def ask(req: AskRequest, request: Request, svc: ServingDep) -> Any:
             preamble=_advice(plan),
         )
     result = await runner.generate(request, plan.prompt, params)
-    summary = _summary(svc.model_name, req, rid, plan, ready.clinic.deliver(plan, result), result, t0)
+    delivered = ready.clinic.deliver(plan, result)
+    remember(svc, rid, "ask", plan, delivered)
+    summary = _summary(svc.model_name, req, rid, plan, delivered, result, t0)
     # the audit digest is of the answer the client was given (advice and gate included)
     runner.note(request, result.prompt_tokens, result.completion_tokens, answer=summary["answer"])
     return summary

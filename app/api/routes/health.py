@@ -60,6 +60,7 @@ async def info(svc: ServingDep) -> dict[str, Any]:
         "pack": clinic.evidence.info() if clinic.evidence is not None else None,
         "trained_with": (engine.manifest.get("recipe") or {}).get("evidence"),
     }
+    out["feedback"] = svc.feedback.info() if svc.feedback is not None else {"enabled": False}
     out["serving_contract"] = {**clinic.contract.to_json(), "source": clinic.contract.source}
     gen = engine.manifest.get("heldout_generation") or {}
     out["quality_gate"] = {

@@ -34,7 +34,7 @@ from app.api.openai_schemas import (
     openai_usage,
     text_choice,
 )
-from app.api.routes import ERRORS, STREAMED, ServingDep, open_door
+from app.api.routes import ERRORS, STREAMED, ServingDep, open_door, remember
 from app.api.schemas import MAX_QUESTION_CHARS
 from app.api.streaming import DONE, Runner, fixed_events, new_id, sse
 from app.clinical.clinic import Consult
@@ -187,7 +187,9 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
     out = _Stream("chat.completion.chunk", new_id("chatcmpl"), svc.model_name, req.include_usage)
     triage = plan.triage.public()
     if plan.refused:
-        content = ready.clinic.deliver(plan, None).text
+        refusal = ready.clinic.deliver(plan, None)
+        remember(svc, out.cid, "chat", plan, refusal)
+        content = refusal.text
         runner.note(request, 0, 0, answer=content)
         extra: dict[str, Any] = {"triage": triage, "quality": None, "citations": []}
         if req.stream:
@@ -203,6 +205,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
 
         def on_done(result: GenerationResult) -> list[str]:
             tail, delivered = answer.close(result)
+            remember(svc, out.cid, "chat", plan, delivered)
             runner.note(request, 0, 0, answer=delivered.text)
             assert delivered.quality is not None and delivered.grounding is not None
             last = out.chunk(
@@ -226,6 +229,7 @@ async def chat(req: ChatCompletionRequest, request: Request, svc: ServingDep) ->
         )
     results = await asyncio.gather(*(runner.generate(request, plan.prompt, p) for p in _seeded(params, req.n)))
     answers = [ready.clinic.deliver(plan, result) for result in results]
+    remember(svc, out.cid, "chat", plan, answers[0])  # the first choice is the one a page shows
     choices = [
         _message(i, a.text, r.finish, a.quality.public() if a.quality else None)
         for i, (a, r) in enumerate(zip(answers, results, strict=True))

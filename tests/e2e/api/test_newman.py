@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEYS, ROOT, Server
+from tests.conftest import ADMIN_KEY, API_KEYS, ROOT, Server
 
 COLLECTION = ROOT / "deploy" / "postman" / "medask.postman_collection.json"
 # `make install` puts newman here when npm is available (.ci/run's machine has it)
@@ -37,6 +37,8 @@ def test_postman_collection_passes_under_newman(server: Server, tmp_path: Path) 
             f"baseUrl={server.base}",
             "--env-var",
             f"apiKey={API_KEYS[0]}",
+            "--env-var",
+            f"adminKey={ADMIN_KEY}",
             "--reporters",
             "cli,json",
             "--reporter-json-export",

@@ -257,3 +257,20 @@ def test_the_page_needs_nothing_outside_the_app(server: Server) -> None:
     assert not re.search(r"(src|href)=\"(https?:)?//", r.text)  # no CDN, no web font, no analytics
     assert "<script>" not in r.text  # no inline script
     assert os.path.basename(r.url.path) == ""
+
+
+def test_a_clinician_rates_and_corrects_an_answer_on_the_page(visit, server: Server) -> None:
+    from tests.conftest import ADMIN_KEY
+
+    v = visit(locale="en-US")
+    v.enter_key()
+    v.ask(ROUTINE)
+    v.wait_done()
+    v.page.locator("#feedback-form").wait_for(state="visible")
+    v.page.check("#rate-down")
+    v.page.check("#r-incomplete")
+    v.page.fill("#correction", "Metformin: nausea and diarrhoea are common; lactic acidosis is rare but serious.")
+    v.page.click("#send-feedback")
+    v.page.wait_for_function("() => document.querySelector('#feedback-status').textContent.startsWith('Thank you')")
+    export = httpx.get(f"{server.base}/feedback/export", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    assert "lactic acidosis is rare" in export and '"incomplete"' in export
