@@ -7,6 +7,7 @@ scheduler (which ``app.api.streaming.Runner`` submits to). Nothing here knows HT
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from app.engine.local import Engine
 from app.engine.scheduler import Scheduler
 from app.errors import ApiError, shutting_down
 from app.feedback.service import FeedbackService
-from app.manifest import serving_contract
+from app.manifest import ServingContract, read_manifest, serving_contract
 from app.metrics import Metrics
 from app.settings import Settings
 
@@ -87,17 +88,16 @@ class Serving:
             self.evidence, self.evidence_note = open_pack(s.evidence, s.evidence_dir, s.evidence_sha256)
         except EvidenceError as exc:
             raise CheckpointError(str(exc)) from exc
+        # the contract first, from the manifest alone: a foreign prompt format is refused before the weights load
+        # (a missing or broken manifest: the checkpoint's verification below says what is wrong)
+        with contextlib.suppress(OSError, ValueError):
+            _check_contract(read_manifest(s.model_dir))
         engine = self._load_engine()
         try:
             check_pack_against(self.evidence, engine.manifest, pinned=bool(s.evidence_sha256))
         except EvidenceError as exc:
             raise CheckpointError(str(exc)) from exc
-        contract = serving_contract(engine.manifest)
-        if contract.prompt_format not in (None, PROMPT_FORMAT):  # trained on a layout this service does not write
-            raise CheckpointError(
-                f"the checkpoint was trained on prompt format {contract.prompt_format!r}; this service renders "
-                f"{PROMPT_FORMAT!r}: serve it with the MedAsk version that published it"
-            )
+        contract = _check_contract(engine.manifest)
         self.engine = engine
         self.clinic = Clinic(s, self.metrics, engine, self.safety, self.evidence, self.evidence_note, contract)
         self.metrics.model_load_seconds.set(engine.load_seconds)
@@ -251,3 +251,15 @@ class Serving:
         if down is not None:
             raise ApiError(503, "upstream_unavailable", f"not ready: {down}", headers={"Retry-After": "2"})
         return Ready(self.engine, self.scheduler, self.clinic)
+
+
+def _check_contract(manifest: dict) -> ServingContract:
+    """The checkpoint's serving contract, refused when it was trained on a prompt layout this service does
+    not write."""
+    contract = serving_contract(manifest)
+    if contract.prompt_format not in (None, PROMPT_FORMAT):
+        raise CheckpointError(
+            f"the checkpoint was trained on prompt format {contract.prompt_format!r}; this service renders "
+            f"{PROMPT_FORMAT!r}: serve it with the MedAsk version that published it"
+        )
+    return contract

@@ -106,10 +106,18 @@ def test_publish_refuses_a_different_checkpoint(ci_run: dict[str, Path], tmp_pat
 
 # stage killed -> (stages copied in first, what shows the stage is under way, what the rerun says)
 KILL_POINTS = {
-    "sft": (("base",), "sft.partial/trainer/checkpoint-*/trainer_state.json", "[sft] resuming from checkpoint-"),
-    "dpo": (("base", "sft"), "dpo.partial/trainer/checkpoint-*/trainer_state.json", "[dpo] resuming from checkpoint-"),
+    "sft": (
+        ("base", "evidence"),
+        "sft.partial/trainer/checkpoint-*/trainer_state.json",
+        "[sft] resuming from checkpoint-",
+    ),
+    "dpo": (
+        ("base", "evidence", "sft"),
+        "dpo.partial/trainer/checkpoint-*/trainer_state.json",
+        "[dpo] resuming from checkpoint-",
+    ),
     "gptq": (
-        ("base", "sft", "dpo"),
+        ("base", "evidence", "sft", "dpo"),
         "gptq.partial/calibration_ids.json",
         "[gptq] discarding an interrupted partial run",
     ),
