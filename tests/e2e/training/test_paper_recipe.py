@@ -2,17 +2,16 @@
 `paper` recipe as written (an outside Hugging Face Llama folder as the base, no SFT, DPO with the paper's
 single-space negatives and AdamW, GPTQ int4) with only its sizes overridden to seconds. The base is the
 test session's checkpoint exported as a plain Hugging Face folder (`training export --format hf`): a folder
-the pipeline did not build for this run. The published checkpoint must verify, name its base, and serve an answer."""
+the pipeline did not build for this run. The published checkpoint must verify, name its base and the paper's settings, and
+have finite held-out metrics (serving a published checkpoint is what the rest of the e2e layer does)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import httpx
-
 from app.manifest import read_manifest, serving_contract, verify_checkpoint
-from tests.conftest import ROOT, run_training, start_server, stop_server
+from tests.conftest import ROOT, run_training
 
 PAPER = ROOT / "training" / "recipes" / "paper.yaml"
 SECONDS = [
@@ -47,9 +46,3 @@ def test_the_paper_recipe_runs_end_to_end_on_an_outside_llama_folder(ci_checkpoi
     for stage in ("base", "dpo", "gptq"):
         m = manifest["metrics"][stage]
         assert all(math.isfinite(m[k]) for k in ("perplexity", "word_perplexity", "bits_per_byte")), (stage, m)
-    srv = start_server(out, tmp_path / "serve.log", MEDASK_WARMUP="true")
-    try:
-        r = httpx.post(f"{srv.base}/ask", json={"question": "What is hypertension?", "max_new_tokens": 8}, timeout=120)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-    finally:
-        stop_server(srv)
