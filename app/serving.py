@@ -162,7 +162,6 @@ class Serving:
     def _open_feedback(self) -> FeedbackService:
         """The feedback store, its schema brought up to date; a database that cannot be opened is a clear
         start-up error (its URL shown without its password)."""
-        from app.feedback.service import FeedbackService
         from app.feedback.store import Store
 
         s = self.settings

@@ -41,13 +41,13 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
+def _same(a: str, b: str) -> bool:
+    """Two condition names (plain words) name the same thing: equal, or one inside the other as whole words."""
+    return a == b or bool(re.search(rf"\b{re.escape(a)}\b", b) or re.search(rf"\b{re.escape(b)}\b", a))
+
+
 def _about(p: Passage, foci: list[str]) -> bool:
-    mine = [_words(f) for f in p.focus if len(_words(f)) >= 4]
-    return any(
-        f == m or re.search(rf"\b{re.escape(f)}\b", m) or re.search(rf"\b{re.escape(m)}\b", f)
-        for f in foci
-        for m in mine
-    )
+    return any(_same(f, m) for f in foci for m in (_words(x) for x in p.focus) if len(m) >= 4)
 
 
 def liveqa(pack: EvidencePack, name: str) -> tuple[list[tuple[str, list[str]]], int]:
@@ -58,11 +58,7 @@ def liveqa(pack: EvidencePack, name: str) -> tuple[list[tuple[str, list[str]]], 
     out = []
     for r in rows:
         foci = [w for f in r["foci"] if len(w := _words(f["text"])) >= 3]
-        if any(
-            f == c or re.search(rf"\b{re.escape(f)}\b", c) or re.search(rf"\b{re.escape(c)}\b", f)
-            for f in foci
-            for c in covered
-        ):
+        if any(_same(f, c) for f in foci for c in covered):
             out.append((f"{r['subject']}. {r['message']}".strip(". "), foci))
     return out, len(rows)
 

@@ -55,7 +55,8 @@ def _file_digest(path: str | None) -> tuple[str, ...]:
     """A feedback pairs file's content in the dpo key (nothing when there is none: old keys unchanged)."""
     if path is None:
         return ()
-    import hashlib
     from pathlib import Path
 
-    return (hashlib.sha256(Path(path).read_bytes()).hexdigest(),)
+    from app.manifest import sha256_file
+
+    return (sha256_file(Path(path)),)

@@ -99,8 +99,9 @@ class Clinic:
         plan = Plan(consult, triage, consult.grounding or self.settings.grounding)  # type: ignore[arg-type]
         if plan.refused:
             return plan
-        plan.max_new_tokens, param = self._max_new(consult)
-        plan.prompt, plan.passages = self._prompt(consult, plan.max_new_tokens, param)
+        bare = self.engine.encode_question(consult.question, consult.role)  # role + question, encoded once
+        plan.max_new_tokens = self._max_new(consult, len(bare))
+        plan.prompt, plan.passages = self._prompt(consult, bare, plan.max_new_tokens)
         return plan
 
     async def triage_conversation(self, history: Sequence[Turn], question: str) -> Triage:
@@ -131,20 +132,17 @@ class Clinic:
             self.metrics.scope_refusals.inc()
         return result
 
-    def _max_new(self, consult: Consult) -> tuple[int, str]:
+    def _max_new(self, consult: Consult, bare_tokens: int) -> int:
         if consult.max_new_tokens is not None:
-            return consult.max_new_tokens, consult.param
-        bare = len(self.engine.encode_question(consult.question, consult.role))
-        room = self.engine.context_length - bare
-        return max(1, min(self.settings.max_new_tokens_default, room)), consult.param
+            return consult.max_new_tokens
+        return max(1, min(self.settings.max_new_tokens_default, self.engine.context_length - bare_tokens))
 
-    def _prompt(self, c: Consult, max_new: int, param: str) -> tuple[list[int], list[Passage]]:
+    def _prompt(self, c: Consult, prompt: list[int], max_new: int) -> tuple[list[int], list[Passage]]:
         """The prompt's token ids and the passages in it. What must fit is the role and the question; the
         evidence block gets the context that is left (it is what gets cut, never the question), and the
         earlier turns of a conversation what is left after it, oldest dropped first."""
         engine = self.engine
-        prompt = engine.encode_question(c.question, c.role)
-        self.check_context(len(prompt), max_new, param)
+        self.check_context(len(prompt), max_new, c.param)
         block, passages = "", []
         if c.evidence or (c.evidence is None and self.evidence is not None):
             self.require_evidence("evidence")

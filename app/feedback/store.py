@@ -14,8 +14,6 @@ on the event loop or the decode worker.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -27,13 +25,16 @@ from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, create_engine, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from app.api.security import text_digest
+
 REASONS = ("wrong", "unsafe", "outdated", "unsupported", "incomplete", "off_topic")
 RATINGS = ("up", "down")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def digest(text: str | None) -> str | None:
-    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+    """The audit log's digest (``app.api.security.text_digest``), so a stored digest matches a logged one."""
+    return text_digest(text) if text is not None else None
 
 
 def now() -> dt.datetime:
@@ -283,7 +284,3 @@ def _migrate(engine: Engine, direction: str, revision: str) -> None:
 def _aware(t: dt.datetime) -> dt.datetime:
     """SQLite hands back naive datetimes: they were written in UTC."""
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
-def dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False)
