@@ -146,9 +146,13 @@ class Serving:
                     decode_weights=s.decode_weights,
                     prompt_weights=s.prompt_weights,
                     dense_bytes=s.dense_weights_mb << 20,
+                    prefix_bytes=s.prefix_cache_mb << 20,
+                    prefill_chunk=s.prefill_chunk_tokens or None,
                 )
-            except ValueError as exc:  # a forced weight path that cannot run here: a clear start-up error
-                raise CheckpointError(f"MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS: {exc}") from exc
+            except ValueError as exc:  # a forced kernel that cannot run here: a clear start-up error
+                raise CheckpointError(
+                    f"MEDASK_LM_HEAD_DTYPE / MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS: {exc}"
+                ) from exc
             log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
         if s.warmup:
             self.state = "warming_up"

@@ -71,27 +71,43 @@ class Settings(BaseSettings):
     compile_cache_dir: Path | None = Field(
         None, description="where compiled kernels are kept across restarts (TorchInductor's cache); default: torch's"
     )
-    lm_head_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
         "auto",
-        description="the static step's LM head weights. auto: both are timed at start on this CPU and the faster "
-        "kept (bfloat16 reads half the bytes, -0.001% held-out bits per byte, but is 5-10x slower on CPUs without "
-        "native bf16); float32 to match /perplexity to the last digit",
+        description="the static step's LM head kernel (app.engine.kernels). auto: float32, bfloat16 and float16 "
+        "are timed at start on this CPU and the fastest kept (bfloat16 reads half the bytes but is 5-10x slower "
+        "on CPUs without native bf16); int8 (8-bit activations) only when named; float32 to match /perplexity "
+        "to the last digit",
     )
     grounding: Literal["strict", "mark", "off"] = Field(
         "strict",
         description="answers: every sentence shown supported by a cited passage (strict: others withheld; mark: "
         "marked; off: unchecked); a request's `grounding` overrides it",
     )
-    decode_weights: Literal["auto", "int4", "bfloat16", "float32"] = Field(
+    decode_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8"] = Field(
         "auto",
-        description="the static step's weights for decode steps: int4 (GPTQ's kernel) or a dense copy read back "
-        "through it; auto: each is timed at start on this CPU and the fastest kept",
+        description="the static step's kernel for decode steps: int4 (GPTQ's kernel) or a copy of its weights "
+        "read back through it (float32, bfloat16, float16: FBGEMM's fp16 GEMM; int8: FBGEMM's dynamic int8, "
+        "8-bit activations, only when named); auto: int4/float32/bfloat16/float16 are timed at start on this CPU "
+        "and the fastest kept",
     )
-    prompt_weights: Literal["auto", "int4", "bfloat16", "float32"] = Field(
+    prompt_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8"] = Field(
         "auto", description="the same choice for prompts (many rows at once)"
     )
     dense_weights_mb: int = Field(
         1024, ge=0, le=1 << 20, description="most memory for dense copies of the 4-bit weights (per copy kind)"
+    )
+    prefix_cache_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="memory for keys and values of recent prompts, reused by later prompts that share a prefix "
+        "(the role's system prompt, a conversation's earlier turns); 0: none kept",
+    )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="while rows decode, prompts advance by at most this many tokens per decode step (chunked "
+        "prefill: a burst of long questions does not stall answers already streaming); 0: whole prompts at once",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")

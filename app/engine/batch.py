@@ -127,45 +127,102 @@ class DecodeBatch:
         return done
 
 
+class Filling:
+    """A prompt being run into its slot, a chunk at a time, before its row joins the decode steps."""
+
+    def __init__(self, row: Row, slot: int) -> None:
+        self.row, self.slot = row, slot
+        self.done: int | None = None  # tokens in the slot; None: its kept prefix not looked up yet
+
+    @property
+    def ids(self) -> list[int]:
+        return self.row.job.prompt_ids
+
+
 class StaticDecodeBatch:
     """``DecodeBatch``'s contract on app.engine.decode's static KV cache: the running rows are slots
-    ``0..n-1``; a new row's prompt runs into the next free slot; a row that ends is replaced by
-    the last one (one row's cache moved, nothing concatenated)."""
+    ``0..n-1``; a new row's prompt runs into a free slot above them; a row that ends is replaced by
+    the last one (one row's cache moved, nothing concatenated).
 
-    def __init__(self, decoder: StaticDecoder, sampler: Sampler) -> None:
-        self.decoder, self.sampler = decoder, sampler
+    Chunked prefill (as vLLM's): while rows are decoding, prompts advance by at most ``chunk``
+    tokens per step, between decode steps, so a burst of long questions (an /ask carries a few
+    hundred tokens of evidence) never stalls the rows already answering; with no row decoding,
+    prompts run whole (nothing to interleave with). A prompt starts from the longest prefix the
+    decoder kept (``StaticDecoder.reuse``)."""
+
+    def __init__(self, decoder: StaticDecoder, sampler: Sampler, chunk: int | None = None) -> None:
+        self.decoder, self.sampler, self.chunk = decoder, sampler, chunk
         self.rows: list[Row] = []
         self.tokens: list[int] = []
         self.positions: list[int] = []  # where each row's next fed token goes (its length so far)
+        self.filling: list[Filling] = []
+        self.ended: list[Row] = []  # rows that ended on their first token, for drop_finished
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.filling)
 
     def admit(self, jobs: Sequence[GenerationJob]) -> list[Row]:
-        """Each prompt runs into the next free slot; a row that ends at once leaves it free."""
-        ended = []
+        """Each prompt gets a free slot and its kept prefix, then prompts advance (whole when no
+        row is decoding); returns the rows that ended at once."""
         for job in jobs:
             row = Row(job, generator(job.params.seed))
-            logits = self.decoder.prefill(len(self.rows), job.prompt_ids)
-            token = self.sampler.step([row], logits[None])[0]
-            if row.finish is not None:
-                ended.append(row)
-                continue
-            self.rows.append(row)
-            self.tokens.append(token)
-            self.positions.append(len(job.prompt_ids))
+            used = {f.slot for f in self.filling}
+            slot = next(s for s in range(len(self.rows), self.decoder.max_rows) if s not in used)
+            self.filling.append(Filling(row, slot))
+        self._fill(self.chunk if self.rows else None)
+        ended, self.ended = self.ended, []
         return ended
 
+    def _fill(self, budget: int | None) -> None:
+        """Advance the prompts in arrival order by ``budget`` tokens in all (None: to their end);
+        a prompt that is complete samples its first token and its row joins the decode steps."""
+        while self.filling and (budget is None or budget > 0):
+            f = self.filling[0]
+            if f.done is None:  # looked up when its turn comes: the prompts before it are kept by then
+                f.done = self.decoder.reuse(f.slot, f.ids)
+            take = len(f.ids) - f.done if budget is None else min(budget, len(f.ids) - f.done)
+            logits = self.decoder.extend(f.slot, f.ids[f.done : f.done + take], f.done)
+            f.done += take
+            if budget is not None:
+                budget -= take
+            if f.done < len(f.ids):
+                continue
+            self.filling.pop(0)
+            self.decoder.remember(f.slot, f.ids)
+            token = self.sampler.step([f.row], logits)[0]
+            if f.row.finish is not None:
+                self.ended.append(f.row)
+                continue
+            self._join(f, token)
+
+    def _join(self, f: Filling, token: int) -> None:
+        """A filled prompt's row takes the next running slot (trading places with a prompt still filling there)."""
+        target = len(self.rows)
+        if f.slot != target:
+            other = next((g for g in self.filling if g.slot == target), None)
+            if other is None:
+                self.decoder.move_row(f.slot, target, len(f.ids))
+            else:
+                self.decoder.swap_rows(f.slot, target, len(f.ids), other.done or 0)
+                other.slot = f.slot
+        self.rows.append(f.row)
+        self.tokens.append(token)
+        self.positions.append(len(f.ids))
+
     def step(self) -> None:
-        logits = self.decoder.decode(self.tokens, self.positions)
-        self.positions = [p + 1 for p in self.positions]
-        self.tokens = self.sampler.step(self.rows, logits)
+        if self.rows:
+            logits = self.decoder.decode(self.tokens, self.positions)
+            self.positions = [p + 1 for p in self.positions]
+            self.tokens = self.sampler.step(self.rows, logits)
+        else:  # only prompts filling: run them (nothing decodes meanwhile)
+            self._fill(None)
 
     def drop_finished(self) -> list[Row]:
-        done = [row for row in self.rows if row.finish is not None]
+        done = [row for row in self.rows if row.finish is not None] + self.ended
+        self.ended = []
         if not done:
             return []
-        n = len(self.rows) - len(done)
+        n = sum(1 for row in self.rows if row.finish is None)
         holes = [s for s in range(n) if self.rows[s].finish is not None]
         movers = [s for s in range(n, len(self.rows)) if self.rows[s].finish is None]
         for hole, src in zip(holes, movers, strict=True):

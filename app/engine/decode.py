@@ -19,12 +19,12 @@ casts its input to bfloat16 and back and reorders it with an index that is the i
 
 A prompt is run row by row straight into its slot (no padding to the longest prompt).
 
-**Every dtype and kernel is chosen on the machine it runs on**, never assumed: which weights serve
-a decode step and a prompt (GPTQ's 4-bit kernel, or a dense bfloat16 or float32 copy read back
-through that kernel, within ``dense_bytes``) and the LM head's dtype are timed at start on this CPU
-(``choose_paths``, ``choose_head_dtype``: milliseconds) and the fastest kept. bfloat16 reads half
-the bytes of float32 but is several times slower on CPUs without native bf16 (AVX2-only), where
-a dense float32 copy can beat the 4-bit kernel for a small model; settings force any path.
+**Every dtype and kernel is chosen on the machine it runs on**, never assumed: which kernel serves
+a decode step and a prompt (GPTQ's 4-bit kernel, or a copy of its weights read back through it:
+float32, bfloat16, FBGEMM's float16 or int8, see ``app.engine.kernels``; copies within
+``dense_bytes``) and the LM head's are timed at start on this CPU (``choose_paths``,
+``choose_head``: milliseconds) and the fastest kept. bfloat16 reads half the bytes of float32 but
+is several times slower on CPUs without native bf16 (AVX2-only); settings force any kernel.
 Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
 ``desc_act``) run as themselves inside the step. Checkpoints it does not cover (other
 architectures, biases, sliding windows, unusual RoPE) keep the model's forward: ``supports`` says why.
@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from app.engine import kernels
+from app.engine.layers import Head, Projection, choose_head, choose_paths
+from app.engine.prefix import PrefixCache
 
 # attended lengths are rounded up to a multiple of this: fewer distinct shapes, little waste
 LENGTH_STEP = 64
@@ -71,144 +75,6 @@ def supports(model: Any) -> str | None:
     return None
 
 
-class Projection:
-    """Linear layers over one input, computed together: ``__call__(x)`` -> their outputs in float32.
-
-    GPTQ's CPU kernel (``aten::_weight_int4pack_mm_for_cpu``) gets its packed weights stacked into
-    one matmul; any other layer runs as itself."""
-
-    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
-        self.modules = list(modules)
-        self.splits = [int(m.out_features) for m in modules]
-        self.fused = all(_int4_cpu_ready(m) for m in modules) and len({m.group_size for m in modules}) == 1
-        if self.fused:
-            self.qweight = torch.cat([m.qweight for m in modules], 0).contiguous()
-            self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
-            self.group_size = int(modules[0].group_size)
-        self.dense: dict[torch.dtype, torch.Tensor] = {}
-        self.small_path = self.large_path = self.prompt_path = "int4"
-
-    def densify(self, dtype: torch.dtype) -> int:
-        """Keep a dense copy of the weights in ``dtype``. The copy is what the 4-bit kernel computes
-        with: it is read back through the kernel itself (the GPTQ checkpoint stays the source of
-        truth). Returns its bytes (0 for a layer that is not a 4-bit kernel layer)."""
-        if not self.fused:
-            return 0
-        if dtype not in self.dense:
-            eye = torch.eye(self.qweight.shape[1] * 2, dtype=torch.bfloat16, device=self.qweight.device)
-            weight = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                eye, self.qweight, self.group_size, self.scales_and_zeros
-            )
-            self.dense[dtype] = weight.t().contiguous().to(dtype)  # (out, in)
-        return self.dense[dtype].numel() * self.dense[dtype].element_size()
-
-    def use(self, small: str, large: str, prompt: str) -> None:
-        """Which weights serve a decode step of few rows (up to SMALL_ROWS), of more rows, and a prompt:
-        ``int4`` (GPTQ's kernel) or a dense copy (``bfloat16``, ``float32``); unused copies are freed."""
-        if not self.fused:
-            return
-        self.small_path, self.large_path, self.prompt_path = small, large, prompt
-        keep = {_DTYPES[p] for p in (small, large, prompt) if p != "int4"}
-        for dtype in keep:
-            self.densify(dtype)
-        self.dense = {d: w for d, w in self.dense.items() if d in keep}
-
-    def run(self, x: torch.Tensor, path: str) -> list[torch.Tensor]:
-        """Outputs (float32) through one path; any layer that is not a 4-bit kernel layer runs as itself."""
-        if not self.fused:
-            return [m(x).float() for m in self.modules]
-        if path == "int4":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros
-            ).float()
-        else:
-            dense = self.dense[_DTYPES[path]]
-            out = torch.nn.functional.linear(x.to(dense.dtype), dense).float()
-        return list(out.split(self.splits, dim=-1))
-
-    def wide(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs for many rows (a prompt)."""
-        return self.run(x, self.prompt_path)
-
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # one row is bound by reading the weights (4-bit wins), many rows by arithmetic (a dense copy can)
-        return self.run(x, self.small_path if x.shape[0] <= SMALL_ROWS else self.large_path)
-
-    def bytes(self, path: str) -> int:
-        """What a dense copy for ``path`` costs (0 for the kernel's own weights)."""
-        if not self.fused or path == "int4":
-            return 0
-        return sum(self.splits) * self.modules[0].in_features * _DTYPES[path].itemsize
-
-
-# the weight paths a projection can run through, and the dtype of each dense copy
-PATHS = ("int4", "bfloat16", "float32")
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# rows timed for a prompt when choosing its path (a question with its evidence block is a few hundred tokens)
-PROMPT_PROBE_ROWS = 256
-# decode steps of up to this many rows have their own weight path (timed at 1 row; larger steps at max_rows)
-SMALL_ROWS = 4
-
-
-def choose_paths(
-    projections: Sequence[Projection], max_rows: int, budget: int, decode: str, prompt: str, reps: int = 5
-) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Time each weight path on this CPU on the largest projection, for a decode step of one row, of
-    a full batch, and for a prompt, and pick for each the fastest of the paths whose dense copies fit
-    ``budget``. A path given (not ``auto``) is kept. Returns ({small, large, prompt}, timings in ms)."""
-    fused = [p for p in projections if p.fused]
-    if not fused:
-        return {"small": "int4", "large": "int4", "prompt": "int4"}, {}
-    probe = max(fused, key=lambda p: sum(p.splits) * p.modules[0].in_features)
-    fits = {path: sum(p.bytes(path) for p in fused) <= budget for path in PATHS}
-    kinds = {"small": 1, "large": max(max_rows, SMALL_ROWS + 1), "prompt": PROMPT_PROBE_ROWS}
-    timings: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
-    with torch.inference_mode():
-        for path in PATHS:
-            if not fits[path]:
-                continue
-            if path != "int4":
-                probe.densify(_DTYPES[path])
-            for kind, n in kinds.items():
-                x = torch.randn(n, probe.modules[0].in_features)
-                probe.run(x, path)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    probe.run(x, path)
-                timings[kind][path] = round(1000 * (time.perf_counter() - t0) / reps, 4)
-    probe.dense = {}
-    given = {"small": decode, "large": decode, "prompt": prompt}
-    chosen = {k: v if v != "auto" else min(timings[k], key=timings[k].__getitem__) for k, v in given.items()}
-    return chosen, timings
-
-
-def _int4_cpu_ready(module: torch.nn.Module) -> bool:
-    """A GPTQ CPU layer already in its packed inference form, with an identity input order."""
-    if getattr(module, "linear_mode", None) != "inference" or not hasattr(module, "scales_and_zeros"):
-        return False
-    ret_idx = getattr(module, "ret_idx", None)
-    return ret_idx is None or torch.equal(ret_idx.long().cpu(), torch.arange(ret_idx.numel()))
-
-
-def choose_head_dtype(head: torch.Tensor, max_rows: int, reps: int = 5) -> tuple[str, dict[str, float]]:
-    """Time the LM head's matmul in float32 and bfloat16 on this CPU (one row and a full batch) and
-    pick the faster: bfloat16 reads half the bytes, but without native bf16 instructions (AVX2-only
-    CPUs) it was measured 5-10x slower, so no dtype is assumed. A few milliseconds at start."""
-    timing: dict[str, float] = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        weight = head.to(dtype)
-        total = 0.0
-        for rows in (1, max_rows):
-            x = torch.randn(rows, head.shape[0], dtype=dtype)
-            (x @ weight).float()  # warm the kernel and its caches
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                (x @ weight).float()
-            total += (time.perf_counter() - t0) / reps
-        timing[name] = round(1000 * total, 4)
-    return min(timing, key=timing.__getitem__), timing
-
-
 @functools.cache
 def cpu_flags() -> tuple[str, ...]:
     """The instruction sets that decide which kernels are fast here (benchmarks record them too)."""
@@ -233,6 +99,7 @@ class StaticDecoder:
         dense_bytes: int = 1 << 30,
         decode_weights: str = "int4",
         prompt_weights: str = "bfloat16",
+        prefix_bytes: int = 0,
     ) -> None:
         config = model.config
         inner = model.model
@@ -248,15 +115,15 @@ class StaticDecoder:
         self._warm_kernels(model)
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        # the LM head is most of the bytes a step reads (70% for the default model); a matrix-vector
-        # product reads a (hidden, vocab) weight about twice as fast as the (vocab, hidden) one
-        # nn.Linear keeps (0.47 vs 0.95 ms here), so it is kept transposed; bfloat16 halves it again
-        head = model.lm_head.weight.detach().t().contiguous()
+        head = model.lm_head.weight
         self.head_timing: dict[str, float] = {}
         if lm_head == "auto":
-            lm_head, self.head_timing = choose_head_dtype(head, max_rows)
-        self.head_dtype = torch.bfloat16 if lm_head == "bfloat16" else torch.float32
-        self.head = head.to(self.head_dtype)
+            lm_head, self.head_timing = choose_head(head, max_rows)
+        elif lm_head not in kernels.KERNELS or lm_head == "int4" or (why := kernels.available(lm_head)):
+            raise kernels.KernelError(
+                f"LM head kernel {lm_head!r} cannot run here: {why if lm_head != 'int4' else 'not 4-bit'}"
+            )
+        self.head = Head(head, lm_head)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -272,11 +139,13 @@ class StaticDecoder:
             )
         projections = [proj for layer in self.layers for proj in layer[1:3] + layer[4:6]]
         for path in (decode_weights, prompt_weights):
-            if path not in (*PATHS, "auto"):
-                raise ValueError(f"unknown weight path {path!r} (one of auto, {', '.join(PATHS)})")
+            if path not in (*kernels.KERNELS, "auto"):
+                raise kernels.KernelError(f"unknown kernel {path!r} (one of auto, {', '.join(kernels.KERNELS)})")
+            if path != "auto" and (why := kernels.available(path)):
+                raise kernels.KernelError(f"kernel {path!r} cannot run here: {why}")
             need = sum(p.bytes(path) for p in projections) if path != "auto" else 0
             if need > dense_bytes:
-                raise ValueError(
+                raise kernels.KernelError(
                     f"dense {path} weights need {need / 2**20:.0f} MiB, more than the {dense_bytes / 2**20:.0f} MiB "
                     "allowed for dense copies: choose int4 or auto"
                 )
@@ -284,7 +153,7 @@ class StaticDecoder:
         self.decode_small, self.decode_large, self.prompt_weights = chosen["small"], chosen["large"], chosen["prompt"]
         for proj in projections:
             proj.use(self.decode_small, self.decode_large, self.prompt_weights)
-        self.dense_bytes = sum(w.numel() * w.element_size() for p in projections for w in p.dense.values())
+        self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
         positions = torch.arange(self.context, device=device)[None]
         probe = torch.zeros(1, device=device, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)
@@ -292,6 +161,8 @@ class StaticDecoder:
         shape = (max_rows, self.kv_heads, self.context, self.head_dim)
         self.keys = [torch.zeros(shape, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, device=device) for _ in self.layers]
+        # kept prompt prefixes (0 bytes: none kept)
+        self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
         self.compiled = False
         self._step: Callable[..., torch.Tensor] = self.step
         if compile:
@@ -313,25 +184,78 @@ class StaticDecoder:
     # ---- rows ------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int]) -> torch.Tensor:
-        """Run a prompt into ``slot`` (its keys and values written in place, no padding, no copy);
-        returns the logits (vocab,) of its next token."""
+        """Run a whole prompt into ``slot`` (a kept prefix reused); returns its next token's logits (vocab,)."""
+        start = self.reuse(slot, ids)
+        logits = self.extend(slot, ids[start:], start)
+        self.remember(slot, ids)
+        return logits[0]
+
+    @torch.inference_mode()
+    def reuse(self, slot: int, ids: Sequence[int]) -> int:
+        """Copy the longest kept prefix of ``ids`` (app.engine.prefix) into ``slot``; returns its length
+        (0: none kept, or no prefix cache)."""
+        if self.prefix is None:
+            return 0
+        n, layers = self.prefix.find(ids)
+        if layers is None:
+            return 0
+        for i, (k, v) in enumerate(layers):
+            self.keys[i][slot, :, :n] = k[:, :n]
+            self.values[i][slot, :, :n] = v[:, :n]
+        return n
+
+    @torch.inference_mode()
+    def remember(self, slot: int, ids: Sequence[int]) -> None:
+        """Keep the keys and values of the prompt ``ids`` now in ``slot`` for later prompts sharing a prefix."""
+        if self.prefix is not None:
+            n = len(ids)
+            layers = [
+                (k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self.keys, self.values, strict=True)
+            ]
+            self.prefix.keep(ids, layers)
+
+    @torch.inference_mode()
+    def extend(self, slot: int, ids: Sequence[int], start: int, every: bool = False) -> torch.Tensor:
+        """Run prompt tokens ``ids`` into ``slot`` at positions ``start...`` (the slot's first ``start``
+        positions already hold this prompt's keys and values: a kept prefix, or earlier chunks). Keys and
+        values are written in place, no padding, no copy. Returns the logits of the last token (1, vocab),
+        or of every token (``every``: scoring through the step's own kernels)."""
         n = len(ids)
+        end = start + n
         x = self.embed[torch.tensor(ids, device=self.device)].float()
-        cos, sin = self.cos[:n][:, None, :], self.sin[:n][:, None, :]
+        cos, sin = self.cos[start:end][:, None, :], self.sin[start:end][:, None, :]
+        # query t (position start + t) sees keys 0..start + t; a fresh prompt is plain causal attention
+        mask = None
+        if start:
+            mask = (
+                torch.arange(end, device=self.device)[None, :] <= torch.arange(start, end, device=self.device)[:, None]
+            )
         for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
             q, k, v = qkv.wide(_rms_norm(x, ln1, self.eps))
             q = _rope(q.view(n, self.heads, self.head_dim), cos, sin).transpose(0, 1)
-            k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
-            v = v.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-            self.keys[i][slot, :, :n] = k
-            self.values[i][slot, :, :n] = v
+            self.keys[i][slot, :, start:end] = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            self.values[i][slot, :, start:end] = v.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, enable_gqa=self.gqa
+                q[None],
+                self.keys[i][slot : slot + 1, :, :end],
+                self.values[i][slot : slot + 1, :, :end],
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=self.gqa,
             )[0]
             x = x + o_proj.wide(out.transpose(0, 1).reshape(n, self.heads * self.head_dim))[0]
             g, u = gate_up.wide(_rms_norm(x, ln2, self.eps))
             x = x + down.wide(torch.nn.functional.silu(g) * u)[0]
-        return (_rms_norm(x[-1:], self.norm, self.eps).to(self.head_dtype) @ self.head).float()[0]
+        return self.head(_rms_norm(x if every else x[-1:], self.norm, self.eps))
+
+    @torch.inference_mode()
+    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Slots ``a`` and ``b`` trade their rows (a prompt that finished filling takes the next running slot)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            for cache in (keys, values):
+                held = cache[a, :, :length_a].clone()
+                cache[a, :, :length_b] = cache[b, :, :length_b]
+                cache[b, :, :length_a] = held
 
     @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -372,7 +296,7 @@ class StaticDecoder:
             x = x + o_proj(out.reshape(n, self.heads * self.head_dim))[0]
             g, u = gate_up(_rms_norm(x, ln2, self.eps))
             x = x + down(torch.nn.functional.silu(g) * u)[0]
-        return (_rms_norm(x, self.norm, self.eps).to(self.head_dtype) @ self.head).float()
+        return self.head(_rms_norm(x, self.norm, self.eps))
 
     def warm_up(self, lengths: Sequence[int] = (1, 2)) -> float:
         """Run (and, compiled, compile) the step once per row count in ``lengths``; seconds taken."""

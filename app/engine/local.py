@@ -31,7 +31,8 @@ from app.engine.base import (
     text_offsets,
 )
 from app.engine.batch import DecodeBatch, StaticDecodeBatch
-from app.engine.decode import MAX_STATIC_CACHE_BYTES, SMALL_ROWS, StaticDecoder, cache_bytes, cpu_flags, supports
+from app.engine.decode import MAX_STATIC_CACHE_BYTES, StaticDecoder, cache_bytes, cpu_flags, supports
+from app.engine.layers import SMALL_ROWS
 from app.engine.sampling import Row, Sampler
 
 log = logging.getLogger("medask.engine")
@@ -81,6 +82,7 @@ class Engine(EngineBase):
         self.kernel = _kernel_name(model)
         # the static decode step (app.engine.decode), set up by ``use_static_decoder``; None: the model's forward
         self.decoder: StaticDecoder | None = None
+        self.prefill_chunk: int | None = None  # prompt tokens run per decode step while rows decode (None: whole)
         self.decode_note = "the model's own forward (static decode step not set up)"
         # rows can join a running batch only when every layer's KV cache simply grows
         types = getattr(config, "layer_types", None) or ["full_attention"]
@@ -96,6 +98,8 @@ class Engine(EngineBase):
         decode_weights: str = "int4",
         prompt_weights: str = "bfloat16",
         dense_bytes: int = 1 << 30,
+        prefix_bytes: int = 0,
+        prefill_chunk: int | None = None,
     ) -> float:
         """Decode with app.engine.decode's static KV cache and fused step (compiled if asked), when this
         model allows it; returns the seconds spent setting up (and compiling)."""
@@ -118,7 +122,9 @@ class Engine(EngineBase):
             dense_bytes=dense_bytes,
             decode_weights=decode_weights,
             prompt_weights=prompt_weights,
+            prefix_bytes=prefix_bytes,
         )
+        self.prefill_chunk = prefill_chunk
         self.decode_note = "static KV cache, fused step" + (" (torch.compile)" if compile else " (eager)")
         try:
             return self.decoder.warm_up((1, 2))
@@ -188,7 +194,7 @@ class Engine(EngineBase):
 
         batch: DecodeBatch | StaticDecodeBatch
         if self.decoder is not None and max(limit, len(jobs)) <= self.decoder.max_rows:
-            batch = StaticDecodeBatch(self.decoder, self.sampler)
+            batch = StaticDecodeBatch(self.decoder, self.sampler, self.prefill_chunk)
         else:  # no static decoder, or more rows than it has slots: the model's own forward
             batch = DecodeBatch(self.model, self.pad_id, self.sampler)
         finish(batch.admit(jobs))
@@ -236,7 +242,7 @@ class Engine(EngineBase):
             "path": "static" if d is not None else "model",
             "note": self.decode_note,
             "compiled": bool(d and d.compiled),
-            "lm_head": str(d.head_dtype).replace("torch.", "") if d is not None else None,
+            "lm_head": d.head.kernel if d is not None else None,
             # chosen by timing both on this CPU when MEDASK_LM_HEAD_DTYPE=auto (ms per 1-row + full-batch matmul)
             "lm_head_timing_ms": d.head_timing if d is not None else None,
             "cpu_flags": list(cpu_flags()),
@@ -250,6 +256,9 @@ class Engine(EngineBase):
             "prompt_weights": d.prompt_weights if d is not None else None,
             "weight_timing_ms": d.weight_timing if d is not None else None,
             "dense_weights_mb": round(d.dense_bytes / 2**20, 1) if d is not None else None,
+            # prompts' keys and values kept for later prompts sharing a prefix (app.engine.prefix)
+            "prefix_cache": d.prefix.info() if d is not None and d.prefix is not None else None,
+            "prefill_chunk_tokens": self.prefill_chunk if d is not None else None,
         }
         return out
 

@@ -1,0 +1,149 @@
+"""The weight kernels a linear layer of the static decode step can run through on a CPU, and the
+timing that picks one on the machine it runs on.
+
+GPTQ's 4-bit checkpoint is the source of truth: every other kernel's weights are the 4-bit weights
+read back through GPTQ's own kernel (``Projection.densify``), then stored the way that kernel wants
+them. None is assumed fast: which wins depends on the CPU (native bf16 or not, AVX-512 or AVX2),
+on the rows multiplied at once (one row is bound by reading the weights, many rows by arithmetic)
+and on the layer's shape, so each is timed at start (``time_kernels``, milliseconds).
+
+- ``int4``: GPTQ's CPU kernel (``aten._weight_int4pack_mm_for_cpu``), bfloat16 activations.
+- ``bfloat16``, ``float32``: a dense copy, ``torch.nn.functional.linear``.
+- ``float16``: FBGEMM's fp16-weight GEMM (``quantized::linear_dynamic_fp16``): half the bytes of
+  float32, float32 arithmetic (weights widened with F16C, present on every AVX2 CPU). The 4-bit
+  weights times their fp16 scales round to fp16 exactly enough that held-out bits/byte does not move.
+- ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
+  channel, activations quantized to 8 bits per call, integer dot products (VNNI where present):
+  the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic, so its held-out bits/byte is
+  measured against the GPTQ checkpoint (``benchmarks/kernels.py``) before it may be chosen.
+
+FBGEMM's ops are deprecated upstream (torch's quantized tensors) but present in the pinned torch;
+an op that is missing or fails is not a candidate, and forcing it is a start-up error. Their packed
+weights are TorchScript objects that torch.compile cannot trace, so they are reached through one
+custom op (``medask::packed_linear``) that takes an index into a table of packed weights: the
+compiled step sees an opaque call with a known output shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# every kernel a setting may name, reference first
+KERNELS = ("int4", "float32", "bfloat16", "float16", "int8")
+# what ``auto`` chooses among: int8 changes the arithmetic, so it is chosen only when asked for
+# (or listed in MEDASK_KERNELS) after its held-out bits/byte was checked for this checkpoint
+AUTO_KERNELS = ("int4", "float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class KernelError(ValueError):
+    """A kernel named in the settings cannot run here (missing op, no memory budget for it)."""
+
+
+def _pack(kernel: str, weight: torch.Tensor) -> Any:
+    weight = weight.float().contiguous()
+    if kernel == "float32":
+        return weight
+    if kernel == "bfloat16":
+        return weight.to(torch.bfloat16)
+    if kernel == "float16":
+        return torch.ops.quantized.linear_prepack_fp16(weight, None)
+    if kernel == "int8":
+        scale = (weight.abs().amax(1) / 127).clamp(min=1e-12).double()
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        q = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None)
+    raise KernelError(f"unknown kernel {kernel!r} (one of {', '.join(KERNELS)})")
+
+
+def _multiply(kernel: str, x: torch.Tensor, packed: Any) -> torch.Tensor:
+    if kernel == "float32":
+        return torch.nn.functional.linear(x, packed)
+    if kernel == "bfloat16":
+        return torch.nn.functional.linear(x.to(torch.bfloat16), packed).float()
+    if kernel == "float16":
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    if kernel == "int8":
+        # reduce_range: 7-bit activations, so the AVX2 u8 x s8 pair sums cannot saturate
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
+    raise KernelError(f"unknown kernel {kernel!r}")
+
+
+# packed FBGEMM weights by index, for the custom op; an entry leaves with the Packed that made it
+_TABLE: dict[int, Any] = {}
+_NEXT = itertools.count()
+
+
+@torch.library.custom_op("medask::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, kernel: str, index: int, out_features: int) -> torch.Tensor:
+    return _multiply(kernel, x, _TABLE[index])
+
+
+@_packed_linear.register_fake
+def _(x: torch.Tensor, kernel: str, index: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+class Packed:
+    """One weight matrix packed for one kernel. ``Packed(kernel, weight)`` with ``weight`` (out, in)
+    in float32; calling it with x (rows, in) float32 gives (rows, out) float32. Not for ``int4``."""
+
+    def __init__(self, kernel: str, weight: torch.Tensor) -> None:
+        self.kernel = kernel
+        self.out_features, self.in_features = (int(n) for n in weight.shape)
+        packed = _pack(kernel, weight)
+        self.tensor = packed if isinstance(packed, torch.Tensor) else None
+        self.index = -1
+        if self.tensor is None:  # a TorchScript object: reached through the custom op
+            self.index = next(_NEXT)
+            _TABLE[self.index] = packed
+            weakref.finalize(self, _TABLE.pop, self.index, None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tensor is not None:
+            return _multiply(self.kernel, x, self.tensor)
+        return _packed_linear(x, self.kernel, self.index, self.out_features)
+
+    @property
+    def bytes(self) -> int:
+        return nbytes(self.kernel, self.out_features, self.in_features)
+
+
+def nbytes(kernel: str, out_features: int, in_features: int) -> int:
+    """Memory a packed copy takes (0 for the 4-bit kernel's own weights)."""
+    per = {"int4": 0, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[kernel]
+    return out_features * in_features * per + (8 * out_features if kernel == "int8" else 0)
+
+
+def available(kernel: str) -> str | None:
+    """Why ``kernel`` cannot run on this torch build (None: it can)."""
+    if kernel in ("int4", "float32", "bfloat16"):
+        return None
+    try:
+        out = Packed(kernel, torch.randn(8, 16))(torch.randn(2, 16))
+        if out.shape != (2, 8):
+            return f"{kernel} gave shape {tuple(out.shape)}"
+    except Exception as exc:  # an op missing from this build, an engine without it
+        return f"{kernel}: {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def time_call(fn: Any, reps: int = 5) -> float:
+    """Milliseconds per call, after one warming call (kernels pack and cache on their first)."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return round(1000 * (time.perf_counter() - t0) / reps, 4)
+
+
+def fastest(timings: dict[str, float], candidates: Sequence[str]) -> str:
+    """The candidate with the least time (ties to the earlier candidate: the reference comes first)."""
+    timed = [k for k in candidates if k in timings]
+    return min(timed, key=lambda k: (timings[k], timed.index(k)))

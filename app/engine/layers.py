@@ -1,0 +1,170 @@
+"""The static decode step's linear layers: the fused projections (``Projection``) and the LM head
+(``Head``), each running through a kernel of ``app.engine.kernels``, and the timing at start that
+picks those kernels on this CPU (``choose_paths``, ``choose_head``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from app.engine import kernels
+
+
+class Projection:
+    """Linear layers over one input, computed together: ``__call__(x)`` -> their outputs in float32.
+
+    GPTQ's CPU kernel (``aten::_weight_int4pack_mm_for_cpu``) gets its packed weights stacked into
+    one matmul; any other layer runs as itself. Other kernels (``app.engine.kernels``) get a copy
+    of the stacked weights read back through GPTQ's kernel."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.modules = list(modules)
+        self.splits = [int(m.out_features) for m in modules]
+        self.in_features = int(modules[0].in_features)
+        self.fused = all(_int4_cpu_ready(m) for m in modules) and len({m.group_size for m in modules}) == 1
+        if self.fused:
+            self.qweight = torch.cat([m.qweight for m in modules], 0).contiguous()
+            self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in modules], 1).contiguous()
+            self.group_size = int(modules[0].group_size)
+        self.packed: dict[str, Any] = {}
+        self.small_path = self.large_path = self.prompt_path = "int4"
+
+    def weight(self) -> torch.Tensor:
+        """The 4-bit weights (out, in) in float32, read back through GPTQ's kernel itself."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_and_zeros)
+        return out.t().float().contiguous()
+
+    def prepare(self, kernel: str) -> int:
+        """Keep the weights packed for ``kernel``; returns the bytes (0 for the 4-bit kernel or a layer
+        that is not a 4-bit kernel layer)."""
+        if not self.fused or kernel == "int4":
+            return 0
+        if kernel not in self.packed:
+            self.packed[kernel] = kernels.Packed(kernel, self.weight())
+        return self.bytes(kernel)
+
+    def use(self, small: str, large: str, prompt: str) -> None:
+        """Which kernel serves a decode step of few rows (up to SMALL_ROWS), of more rows, and a
+        prompt; copies no path uses are freed."""
+        if not self.fused:
+            return
+        self.small_path, self.large_path, self.prompt_path = small, large, prompt
+        keep = {small, large, prompt} - {"int4"}
+        for kernel in keep:
+            self.prepare(kernel)
+        self.packed = {k: w for k, w in self.packed.items() if k in keep}
+
+    def run(self, x: torch.Tensor, path: str) -> list[torch.Tensor]:
+        """Outputs (float32) through one kernel; any layer that is not a 4-bit kernel layer runs as itself."""
+        if not self.fused:
+            return [m(x).float() for m in self.modules]
+        if path == "int4":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16), self.qweight, self.group_size, self.scales_and_zeros
+            ).float()
+        else:
+            out = self.packed[path](x)
+        return list(out.split(self.splits, dim=-1))
+
+    def wide(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs for many rows (a prompt)."""
+        return self.run(x, self.prompt_path)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # one row is bound by reading the weights (4-bit wins), many rows by arithmetic (a dense copy can)
+        return self.run(x, self.small_path if x.shape[0] <= SMALL_ROWS else self.large_path)
+
+    def bytes(self, kernel: str) -> int:
+        """What a copy for ``kernel`` costs (0 for the kernel's own weights)."""
+        if not self.fused:
+            return 0
+        return kernels.nbytes(kernel, sum(self.splits), self.in_features)
+
+
+# rows timed for a prompt when choosing its path (a question with its evidence block is a few hundred tokens)
+PROMPT_PROBE_ROWS = 256
+# decode steps of up to this many rows have their own weight path (timed at 1 row; larger steps at max_rows)
+SMALL_ROWS = 4
+
+
+def choose_paths(
+    projections: Sequence[Projection],
+    max_rows: int,
+    budget: int,
+    decode: str,
+    prompt: str,
+    candidates: Sequence[str] = kernels.AUTO_KERNELS,
+    reps: int = 5,
+) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Time each candidate kernel on this CPU on the largest projection, for a decode step of one
+    row, of a full batch, and for a prompt, and pick for each the fastest of those whose copies fit
+    ``budget``. A kernel given (not ``auto``) is kept. Returns ({small, large, prompt}, timings in ms)."""
+    fused = [p for p in projections if p.fused]
+    if not fused:
+        return {"small": "int4", "large": "int4", "prompt": "int4"}, {}
+    probe = max(fused, key=lambda p: sum(p.splits) * p.in_features)
+    timed = [k for k in candidates if sum(p.bytes(k) for p in fused) <= budget and kernels.available(k) is None]
+    kinds = {"small": 1, "large": max(max_rows, SMALL_ROWS + 1), "prompt": PROMPT_PROBE_ROWS}
+    timings: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
+    with torch.inference_mode():
+        for kernel in timed:
+            probe.prepare(kernel)
+            for kind, n in kinds.items():
+                x = torch.randn(n, probe.in_features)
+                timings[kind][kernel] = kernels.time_call(lambda x=x, k=kernel: probe.run(x, k), reps)
+    probe.packed = {}
+    given = {"small": decode, "large": decode, "prompt": prompt}
+    chosen = {k: v if v != "auto" else kernels.fastest(timings[k], timed) for k, v in given.items()}
+    return chosen, timings
+
+
+def _int4_cpu_ready(module: torch.nn.Module) -> bool:
+    """A GPTQ CPU layer already in its packed inference form, with an identity input order."""
+    if getattr(module, "linear_mode", None) != "inference" or not hasattr(module, "scales_and_zeros"):
+        return False
+    ret_idx = getattr(module, "ret_idx", None)
+    return ret_idx is None or torch.equal(ret_idx.long().cpu(), torch.arange(ret_idx.numel()))
+
+
+class Head:
+    """The LM head's weights in one kernel. It is most of the bytes a step reads (70% for the
+    default model). float32 and bfloat16 keep it transposed (hidden, vocab): a matrix-vector product
+    reads it about twice as fast as the (vocab, hidden) nn.Linear keeps (0.47 vs 0.95 ms, AVX-512)."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str) -> None:
+        self.kernel = kernel
+        weight = weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        self.transposed: torch.Tensor | None = None
+        self.packed: kernels.Packed | None = None
+        if kernel in ("float32", "bfloat16"):
+            self.transposed = weight.t().contiguous().to(kernels.DTYPES[kernel])
+        else:
+            self.packed = kernels.Packed(kernel, weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed is not None:
+            return (x.to(self.transposed.dtype) @ self.transposed).float()
+        assert self.packed is not None
+        return self.packed(x)
+
+
+def choose_head(
+    weight: torch.Tensor, max_rows: int, candidates: Sequence[str] = ("float32", "bfloat16", "float16"), reps: int = 5
+) -> tuple[str, dict[str, float]]:
+    """Time the LM head in each candidate kernel on this CPU (one row and a full batch) and pick the
+    fastest: bfloat16 reads half the bytes, but without native bf16 instructions (AVX2-only CPUs) it
+    was measured 5-10x slower, so no kernel is assumed. A few milliseconds at start."""
+    timing: dict[str, float] = {}
+    with torch.inference_mode():
+        for kernel in candidates:
+            if kernel == "int4" or kernels.available(kernel) is not None:
+                continue
+            head = Head(weight, kernel)
+            xs = [torch.randn(rows, head.in_features) for rows in (1, max_rows)]
+            timing[kernel] = round(sum(kernels.time_call(lambda x=x, h=head: h(x), reps) for x in xs), 4)
+    return kernels.fastest(timing, list(timing)), timing
