@@ -2,8 +2,8 @@
 side by side with what ``auto`` picks here, and the model's own forward.
 
 A default measured on one CPU collapsed on another (bfloat16 on an AVX2-only CPU without native bf16:
-5-10x slower), so the defaults are chosen at start by timing (``MEDASK_LM_HEAD_DTYPE``,
-``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS`` = ``auto``). This prints, for this machine (its CPU
+5-10x slower), so the kernels are chosen at start by timing (``MEDASK_LM_HEAD_DTYPE``,
+``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS`` = ``auto``; app.engine.kernels). This prints, for this machine (its CPU
 flags included), generated tokens/s at 1 and 16 rows (prefill included, greedy, held-out prompts) and
 the time to prefill an /ask-sized prompt, for each configuration, and how far the defaults are from the
 best configuration measured. Eager steps throughout (compilation changes every row alike).
@@ -14,7 +14,6 @@ best configuration measured. Eager steps throughout (compilation changes every r
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from app.engine.decode import cpu_flags
+from app.engine.kernels import KERNELS
 from app.engine.local import Engine
 from benchmarks.common import decode_rates, heldout_prompts, report
-
-PATHS = ("int4", "bfloat16", "float32")
 
 
 def prefill_ms(engine: Engine, ids: list[int], repeats: int = 3) -> float:
@@ -65,8 +63,7 @@ def main() -> None:
             engine.use_static_decoder(16, compile=False, **kw)
             d = engine.decoder
             assert d is not None
-            head = str(d.head_dtype).replace("torch.", "")
-            chosen = f"head {head}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, prompt {d.prompt_weights}"
+            chosen = f"head {d.head.kernel}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, prompt {d.prompt_weights}"
         else:
             chosen = "the model's forward"
         r = {"configuration": name, "chosen": chosen, **measure(engine, prompts, long_prompt, args.tokens)}
@@ -75,11 +72,14 @@ def main() -> None:
         return r
 
     shipped = row("shipped defaults (auto)", lm_head="auto", decode_weights="auto", prompt_weights="auto")
-    row("previous defaults", lm_head="bfloat16", decode_weights="int4", prompt_weights="bfloat16")
-    for head, decode, prompt in itertools.product(("float32", "bfloat16"), PATHS, PATHS):
-        row(
-            f"head {head}, decode {decode}, prompt {prompt}", lm_head=head, decode_weights=decode, prompt_weights=prompt
-        )
+    # what auto chose here before FBGEMM's kernels were candidates, and the defaults chosen on an AVX-512-bf16 CPU
+    row("last release's choice here", lm_head="float32", decode_weights="int4", prompt_weights="float32")
+    row("defaults before issue 28", lm_head="bfloat16", decode_weights="int4", prompt_weights="bfloat16")
+    for kernel in KERNELS:  # one kernel everywhere (the head has no 4-bit form: float32 beside int4)
+        head = "float32" if kernel == "int4" else kernel
+        row(f"{kernel} everywhere", lm_head=head, decode_weights=kernel, prompt_weights=kernel)
+    row("head float16, decode int4, prompt float16", lm_head="float16", decode_weights="int4", prompt_weights="float16")
+    row("head int8, decode int8, prompt float16", lm_head="int8", decode_weights="int8", prompt_weights="float16")
     again = row("shipped defaults (auto), measured again", lm_head="auto", decode_weights="auto", prompt_weights="auto")
     row("model forward (MEDASK_DECODE=model)")
     best = {k: max(float(r[k]) for r in rows) for k in ("tok_s_1", "tok_s_16")}

@@ -1,0 +1,61 @@
+"""The static step's kernels without a model: each computes the same product as float32 within its
+rounding, a kernel missing here is named (never silently used), FBGEMM's packed weights reach the
+compiled step through the custom op and leave its table with their owner."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from app.engine import kernels
+from app.engine.layers import Head
+
+# relative error of each kernel against float32 on random data (bfloat16 rounds activations too,
+# int8 quantizes them to 7 bits per call)
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3, "int8": 5e-2}
+
+
+@pytest.mark.parametrize("kernel", ["float32", "bfloat16", "float16", "int8"])
+def test_every_kernel_computes_the_float32_product(kernel: str) -> None:
+    assert kernels.available(kernel) is None, kernels.available(kernel)
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64) * 0.1, torch.randn(5, 64)
+    packed = kernels.Packed(kernel, weight)
+    want = torch.nn.functional.linear(x, weight)
+    got = packed(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 96)
+    assert (got - want).norm() / want.norm() < TOLERANCE[kernel]
+    assert packed.bytes == kernels.nbytes(kernel, 96, 64)
+
+
+def test_an_unknown_kernel_is_named() -> None:
+    with pytest.raises(kernels.KernelError, match="unknown kernel 'int3'"):
+        kernels.Packed("int3", torch.randn(4, 4))
+    assert "int3" in (kernels.available("int3") or "")
+
+
+def test_fbgemm_weights_leave_the_table_with_their_owner() -> None:
+    before = len(kernels._TABLE)
+    packed = kernels.Packed("float16", torch.randn(8, 16))
+    assert len(kernels._TABLE) == before + 1
+    del packed
+    gc.collect()
+    assert len(kernels._TABLE) == before
+
+
+def test_fbgemm_kernels_run_inside_a_compiled_graph() -> None:
+    """TorchScript packed weights break torch.compile's graph; the custom op keeps it whole."""
+    head = Head(torch.randn(32, 16), "float16")
+    compiled = torch.compile(lambda x: head(torch.relu(x)) * 2, fullgraph=True, dynamic=True)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x), head(torch.relu(x)) * 2)
+
+
+def test_the_fastest_candidate_wins_and_ties_go_to_the_reference() -> None:
+    assert kernels.fastest({"int4": 2.0, "float16": 1.0, "float32": 3.0}, kernels.AUTO_KERNELS) == "float16"
+    assert kernels.fastest({"int4": 1.0, "float16": 1.0}, kernels.AUTO_KERNELS) == "int4"
+    # int8 changes the arithmetic: never an automatic choice
+    assert "int8" not in kernels.AUTO_KERNELS and "int8" in kernels.KERNELS
