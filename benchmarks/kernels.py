@@ -78,7 +78,14 @@ def main() -> None:
     rows = heldout_rows()[: args.rows]
     with torch.inference_mode():
         reference = combine(score_answers(engine.model, engine.tokenizer, rows)).bits_per_byte
-    out: list[dict[str, Any]] = [{"kernel": "GPTQ checkpoint (model forward, int4)", "bits_per_byte": reference}]
+    out: list[dict[str, Any]] = [
+        {
+            "kernel": "GPTQ checkpoint (model forward, int4)",
+            "bits_per_byte": reference,
+            "step_tok_s_1_row": None,
+            "step_tok_s_16_rows": None,
+        }
+    ]
     for kernel in KERNELS:
         head = "float32" if kernel == "int4" else kernel
         decoder = StaticDecoder(engine.model, 16, lm_head=head, decode_weights=kernel, prompt_weights=kernel)

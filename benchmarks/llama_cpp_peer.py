@@ -88,10 +88,14 @@ def greedy_text(t: Target, prompt: list[int], tokens: int) -> str:
     return httpx.post(f"{t.base}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
 
 
+PROMPT_CACHE = {"on": False}  # set from --prompt-cache
+
+
 def peer_settings(t: Target, body: dict) -> dict:
-    """llama-server's defaults that would make it do other work than MedAsk: no prompt cache, no repeat penalty."""
+    """llama-server's defaults that would make it do other work than MedAsk: no repeat penalty; its prompt
+    cache on only with --prompt-cache on (MedAsk's prefix cache then on too, off otherwise)."""
     if t.name.startswith("llama"):
-        body.update(cache_prompt=False, repeat_penalty=1.0)
+        body.update(cache_prompt=PROMPT_CACHE["on"], repeat_penalty=1.0)
     return body
 
 
@@ -121,7 +125,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--medask", nargs="*", default=["eager", "compiled"], help="MedAsk configurations to run")
+    p.add_argument(
+        "--prompt-cache",
+        choices=["off", "on"],
+        default="off",
+        help="on: llama-server's prompt cache and MedAsk's prefix cache (chat traffic with a fixed role)",
+    )
+    p.add_argument("--peers", nargs="*", default=["f32", "Q4_0"], help="llama-server formats to run")
     args = p.parse_args()
+    PROMPT_CACHE["on"] = args.prompt_cache == "on"
     if not (LLAMA / "llama-server").is_file():
         sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
     work = ROOT / "runs" / "bench"
@@ -136,6 +148,8 @@ def main() -> None:
     prompts = [ids for ids in prompts if len(ids) + args.tokens <= context]
     slots = max(args.concurrency)
     medask_env = {"MEDASK_MAX_BATCH_SIZE": str(slots), "MEDASK_EVIDENCE": "false", "MEDASK_QUEUE_SIZE": "256"}
+    if not PROMPT_CACHE["on"]:
+        medask_env["MEDASK_PREFIX_CACHE_MB"] = "0"
     factories = {
         f"medask ({mode})": (
             lambda mode=mode: start_medask(
@@ -147,8 +161,14 @@ def main() -> None:
         )
         for mode in args.medask
     }
-    factories["llama-server f32"] = lambda: start_llama(f32, "llama-server f32", slots, context, work / "llama-f32.log")
-    factories["llama-server Q4_0"] = lambda: start_llama(q4, "llama-server Q4_0", slots, context, work / "llama-q4.log")
+    if "f32" in args.peers:
+        factories["llama-server f32"] = lambda: start_llama(
+            f32, "llama-server f32", slots, context, work / "llama-f32.log"
+        )
+    if "Q4_0" in args.peers:
+        factories["llama-server Q4_0"] = lambda: start_llama(
+            q4, "llama-server Q4_0", slots, context, work / "llama-q4.log"
+        )
 
     runs: dict[tuple[str, int], list[dict]] = {}
     texts: dict[str, str] = {}
@@ -186,6 +206,7 @@ def main() -> None:
                 "tok_s_max": tok[-1],
                 "p50_s": statistics.median(r["p50_s"] for r in rs),
                 "ttft_p50_s": statistics.median(r["ttft_p50_s"] for r in rs),
+                "ttft_p99_s": statistics.median(r["ttft_p99_s"] for r in rs),
                 "rounds": len(rs),
             }
         )
@@ -204,7 +225,7 @@ def main() -> None:
     same = {name: text == texts.get("llama-server f32") for name, text in texts.items()}
     report(
         f"MedAsk vs llama-server ({args.tokens} tokens, greedy, streamed /v1/completions, token-id prompts, "
-        f"{args.rounds} interleaved rounds)",
+        f"{args.rounds} interleaved rounds, prompt caches {args.prompt_cache})",
         rows,
         {"ratios": ratios, "same_greedy_text_as_llama_f32": same, "notes": notes},
     )

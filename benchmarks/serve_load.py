@@ -179,7 +179,12 @@ async def drive(
         "p95_s": q[94],
         "p99_s": q[98],
         "ttft_p50_s": statistics.median(r["ttft"] for r in results),
+        "ttft_p99_s": _p99(sorted(r["ttft"] for r in results)),
     }
+
+
+def _p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
 
 
 def main() -> None:

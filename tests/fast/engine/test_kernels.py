@@ -59,3 +59,22 @@ def test_the_fastest_candidate_wins_and_ties_go_to_the_reference() -> None:
     assert kernels.fastest({"int4": 1.0, "float16": 1.0}, kernels.AUTO_KERNELS) == "int4"
     # int8 changes the arithmetic: never an automatic choice
     assert "int8" not in kernels.AUTO_KERNELS and "int8" in kernels.KERNELS
+
+
+def test_an_int8_row_does_not_depend_on_its_batch_mates() -> None:
+    """Activations are quantized per row on a fixed grid: a row alone or beside a row a thousand times
+    larger gives the same numbers (FBGEMM alone would quantize both on the large row's scale)."""
+    torch.manual_seed(1)
+    packed = kernels.Packed("int8", torch.randn(48, 32) * 0.1)
+    row, loud = torch.randn(1, 32), torch.randn(1, 32) * 1000
+    alone = packed(row)
+    together = packed(torch.cat([row, loud, row * 0.001]))
+    assert torch.equal(together[0:1], alone)
+    want = row @ packed_weight(packed).t()
+    assert (alone - want).norm() / want.norm() < TOLERANCE["int8"]
+
+
+def packed_weight(packed: kernels.Packed) -> torch.Tensor:
+    """The int8 weights FBGEMM holds, as float32 (per-channel scales applied)."""
+    weight, _ = torch.ops.quantized.linear_unpack(kernels._TABLE[packed.index])
+    return weight.dequantize()
