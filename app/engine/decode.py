@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from app.engine import kernels
-from app.engine.layers import Head, Projection, choose_head, choose_paths
+from app.engine.layers import SMALL_ROWS, Head, Projection, choose_head, choose_paths
 from app.engine.prefix import PrefixCache
 
 # attended lengths are rounded up to a multiple of this: fewer distinct shapes, little waste
@@ -298,10 +298,15 @@ class StaticDecoder:
             x = x + down(torch.nn.functional.silu(g) * u)[0]
         return self.head(_rms_norm(x, self.norm, self.eps))
 
-    def warm_up(self, lengths: Sequence[int] = (1, 2)) -> float:
-        """Run (and, compiled, compile) the step once per row count in ``lengths``; seconds taken."""
+    def warm_up(self, lengths: Sequence[int] | None = None) -> float:
+        """Run (and, compiled, compile) the step once per row count in ``lengths``; seconds taken. By
+        default every graph serving may need, before /ready: one row (compilers specialise on 1), a few
+        rows, and more than SMALL_ROWS (its own kernels) — else the first busy moment compiles, stalling
+        every running answer for seconds."""
+        if lengths is None:
+            lengths = (1, 2, SMALL_ROWS + 1, self.max_rows)
         t0 = time.perf_counter()
-        for n in lengths:
+        for n in dict.fromkeys(lengths):
             if n <= self.max_rows:
                 self.decode([0] * n, [1] * n)
         return time.perf_counter() - t0

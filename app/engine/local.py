@@ -127,14 +127,14 @@ class Engine(EngineBase):
         self.prefill_chunk = prefill_chunk
         self.decode_note = "static KV cache, fused step" + (" (torch.compile)" if compile else " (eager)")
         try:
-            return self.decoder.warm_up((1, 2))
+            return self.decoder.warm_up()
         except Exception as exc:  # no C++ compiler, an unsupported op: the eager step computes the same
             if not compile:
                 raise
             log.warning("torch.compile failed; decoding with the eager static step", exc_info=True)
             self.decoder.use_eager()
             self.decode_note = f"static KV cache, fused step (eager: torch.compile failed: {type(exc).__name__})"
-            return self.decoder.warm_up((1, 2))
+            return self.decoder.warm_up()
 
     # ---- loading -------------------------------------------------------
     @classmethod
