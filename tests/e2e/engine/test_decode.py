@@ -124,17 +124,35 @@ def test_more_rows_than_slots_use_the_models_forward(static: Engine, reference: 
     assert [r.token_ids for r in got] == [r.token_ids for r in reference.generate(many)]
 
 
-def test_compiled_step_equals_the_eager_step(ci_checkpoint: Path, static: Engine, tmp_path: Path) -> None:
-    compiled = Engine.load(ci_checkpoint)
-    compiled.use_static_decoder(max_rows=4, compile=True)
+def test_compiled_step_equals_the_eager_step(ci_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled with FBGEMM's kernels (through the medask::packed_linear operator) and, as auto chose
+    on an AVX2 CPU, one kernel for steps of 1-4 rows and another for more: every graph is compiled
+    before serving (none at the first 5-row step, which stalled every answer), and the compiled step
+    computes what the eager step does."""
+    from torch._dynamo.utils import counters
+
+    import app.engine.decode as decode_module
+
+    paths = {"small": "int4", "large": "float16", "prompt": "float16"}
+    monkeypatch.setattr(decode_module, "choose_paths", lambda *a, **k: (paths, {}))
+    engines = []
+    for compile in (True, False):
+        engine = Engine.load(ci_checkpoint)
+        engine.use_static_decoder(max_rows=6, compile=compile, lm_head="float16")
+        engines.append(engine)
+    compiled, eager = engines
     assert compiled.decoder is not None and compiled.decoder.compiled
     assert compiled.info()["decode"]["compiled"] is True
-    for batch in (jobs(compiled, (12,)), jobs(compiled, (6, 12, 9))):
+    assert compiled.info()["decode"]["decode_weights"] == {"1-4 rows": "int4", "more rows": "float16"}
+    graphs = counters["stats"]["unique_graphs"]
+    queued = jobs(compiled, (5, 9, 7, 8)) + jobs(compiled, (6, 4))
+    for batch in (jobs(compiled, (12,)), jobs(compiled, (6, 12, 9)), queued):
         got = compiled.generate(batch)
-        want = static.generate([GenerationJob(j.prompt_ids, j.params) for j in batch])
+        want = eager.generate([GenerationJob(j.prompt_ids, j.params) for j in batch])
         for g, w in zip(got, want, strict=True):
             assert g.token_ids == w.token_ids
             assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
 
 
 def test_info_says_which_path_decodes(static: Engine, reference: Engine) -> None:
