@@ -26,6 +26,8 @@ from app.manifest import ServingContract, read_manifest, serving_contract
 from app.metrics import Metrics
 from app.settings import Settings
 
+# passages scored through both kernels at start (about 1,000 tokens: about a second on 2 cores)
+INT8_PROBE_PASSAGES = 8
 log = logging.getLogger("medask.serving")
 
 
@@ -131,6 +133,13 @@ class Serving:
             },
         )
 
+    def _int8_probe(self) -> list[str]:
+        """Text to check int8 arithmetic against the 4-bit kernel at start: the evidence pack's first
+        passages (beside the checkpoint, never a training target); none: int8 only when named."""
+        if not self.settings.int8_auto or self.evidence is None:
+            return []
+        return [p.text for p in self.evidence.passages[:INT8_PROBE_PASSAGES]]
+
     def _prepare(self, engine: Engine) -> None:
         """A local engine's decode path (the static step, compiled if asked), then a warm-up generation."""
         s = self.settings
@@ -148,6 +157,7 @@ class Serving:
                     dense_bytes=s.dense_weights_mb << 20,
                     prefix_bytes=s.prefix_cache_mb << 20,
                     prefill_chunk=s.prefill_chunk_tokens or None,
+                    int8_probe=self._int8_probe(),
                 )
             except ValueError as exc:  # a forced kernel that cannot run here: a clear start-up error
                 raise CheckpointError(

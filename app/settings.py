@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     dense_weights_mb: int = Field(
         1024, ge=0, le=1 << 20, description="most memory for dense copies of the 4-bit weights (per copy kind)"
     )
+    int8_auto: bool = Field(
+        True,
+        description="auto may choose int8 (FBGEMM, 8-bit activations per row) when, at start, it scores the evidence "
+        "pack's first passages within +0.5% of the 4-bit kernel's log-likelihood (/info decode.int8_check); false: "
+        "int8 only when named",
+    )
     prefix_cache_mb: int = Field(
         256,
         ge=0,

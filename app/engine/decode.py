@@ -48,6 +48,9 @@ from app.engine.prefix import PrefixCache
 LENGTH_STEP = 64
 
 
+# int8 (8-bit activations) may be chosen automatically only within this change of bits/byte (issue 28)
+INT8_MAX_CHANGE_PCT = 0.5
+
 # a static cache larger than this is not allocated: the model's forward grows its cache as rows need it
 MAX_STATIC_CACHE_BYTES = 8 << 30
 
@@ -100,6 +103,7 @@ class StaticDecoder:
         decode_weights: str = "int4",
         prompt_weights: str = "bfloat16",
         prefix_bytes: int = 0,
+        int8_probe: Sequence[Sequence[int]] = (),
     ) -> None:
         config = model.config
         inner = model.model
@@ -117,13 +121,10 @@ class StaticDecoder:
         self.norm = inner.norm.weight
         head = model.lm_head.weight
         self.head_timing: dict[str, float] = {}
-        if lm_head == "auto":
-            lm_head, self.head_timing = choose_head(head, max_rows)
-        elif lm_head not in kernels.KERNELS or lm_head == "int4" or (why := kernels.available(lm_head)):
-            raise kernels.KernelError(
-                f"LM head kernel {lm_head!r} cannot run here: {why if lm_head != 'int4' else 'not 4-bit'}"
-            )
-        self.head = Head(head, lm_head)
+        if lm_head != "auto" and (lm_head not in kernels.KERNELS or lm_head == "int4" or kernels.available(lm_head)):
+            why = kernels.available(lm_head) if lm_head != "int4" else "the LM head is not 4-bit"
+            raise kernels.KernelError(f"LM head kernel {lm_head!r} cannot run here: {why}")
+        self.head = Head(head, "float32" if lm_head == "auto" else lm_head)  # auto: timed below
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -149,11 +150,6 @@ class StaticDecoder:
                     f"dense {path} weights need {need / 2**20:.0f} MiB, more than the {dense_bytes / 2**20:.0f} MiB "
                     "allowed for dense copies: choose int4 or auto"
                 )
-        chosen, self.weight_timing = choose_paths(projections, max_rows, dense_bytes, decode_weights, prompt_weights)
-        self.decode_small, self.decode_large, self.prompt_weights = chosen["small"], chosen["large"], chosen["prompt"]
-        for proj in projections:
-            proj.use(self.decode_small, self.decode_large, self.prompt_weights)
-        self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
         positions = torch.arange(self.context, device=device)[None]
         probe = torch.zeros(1, device=device, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)
@@ -161,6 +157,21 @@ class StaticDecoder:
         shape = (max_rows, self.kv_heads, self.context, self.head_dim)
         self.keys = [torch.zeros(shape, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, device=device) for _ in self.layers]
+        # int8 changes the arithmetic: a candidate only when it scores this checkpoint's probe text as well
+        self.int8_check: dict[str, Any] | None = None
+        if int8_probe and "auto" in (lm_head, decode_weights, prompt_weights) and kernels.available("int8") is None:
+            self.int8_check = self._check_int8(projections, head, int8_probe)
+        candidates = kernels.AUTO_KERNELS + (("int8",) if self.int8_check and self.int8_check["admitted"] else ())
+        chosen, self.weight_timing = choose_paths(
+            projections, max_rows, dense_bytes, decode_weights, prompt_weights, candidates
+        )
+        self.decode_small, self.decode_large, self.prompt_weights = chosen["small"], chosen["large"], chosen["prompt"]
+        if lm_head == "auto":
+            lm_head, self.head_timing = choose_head(head, max_rows, [k for k in candidates if k != "int4"])
+            self.head = Head(head, lm_head)
+        for proj in projections:
+            proj.use(self.decode_small, self.decode_large, self.prompt_weights)
+        self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
         # kept prompt prefixes (0 bytes: none kept)
         self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
         self.compiled = False
@@ -168,6 +179,30 @@ class StaticDecoder:
         if compile:
             self._step = torch.compile(self.step, dynamic=True, fullgraph=True)
             self.compiled = True
+
+    @torch.inference_mode()
+    def _check_int8(
+        self, projections: Sequence[Projection], head: torch.Tensor, probe: Sequence[Sequence[int]]
+    ) -> dict[str, Any]:
+        """Negative log-likelihood of ``probe`` (token ids of text beside the checkpoint: the evidence
+        pack's first passages) through the 4-bit kernel and a float32 head, then through int8 everywhere:
+        int8 may be chosen by auto only if it costs at most INT8_MAX_CHANGE_PCT (issue 28's bound on
+        held-out bits/byte; equal bytes, so the NLL ratio is the bits/byte ratio). About a second at start."""
+        nll = {}
+        for kernel, head_kernel in (("int4", "float32"), ("int8", "int8")):
+            self.head = Head(head, head_kernel)
+            for proj in projections:
+                proj.use(kernel, kernel, kernel)
+            total = 0.0
+            for ids in (list(ids)[: self.context] for ids in probe):
+                logp = torch.log_softmax(self.extend(0, list(ids), 0, every=True)[:-1], -1)
+                total -= float(logp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+            nll[kernel] = total
+        for proj in projections:
+            proj.use("int4", "int4", "int4")
+        change = 100 * (nll["int8"] / nll["int4"] - 1)
+        tokens = sum(len(ids) - 1 for ids in probe)
+        return {"probe_tokens": tokens, "change_pct": round(change, 4), "admitted": change <= INT8_MAX_CHANGE_PCT}
 
     def use_eager(self) -> None:
         """Run the step uncompiled (compilation failed): same cache, same weights, same numbers."""

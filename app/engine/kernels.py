@@ -14,8 +14,9 @@ and on the layer's shape, so each is timed at start (``time_kernels``, milliseco
   weights times their fp16 scales round to fp16 exactly enough that held-out bits/byte does not move.
 - ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
   channel, activations quantized to 8 bits per call, integer dot products (VNNI where present):
-  the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic, so its held-out bits/byte is
-  measured against the GPTQ checkpoint (``benchmarks/kernels.py``) before it may be chosen.
+  the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic: auto may choose it only when, at
+  start, it scores text beside the checkpoint within +0.5% of the 4-bit kernel (``/info``
+  ``decode.int8_check``); ``benchmarks/kernels.py`` measures its held-out bits/byte.
 
 FBGEMM's ops are deprecated upstream (torch's quantized tensors) but present in the pinned torch;
 an op that is missing or fails is not a candidate, and forcing it is a start-up error. Their packed
@@ -36,8 +37,8 @@ import torch
 
 # every kernel a setting may name, reference first
 KERNELS = ("int4", "float32", "bfloat16", "float16", "int8")
-# what ``auto`` chooses among: int8 changes the arithmetic, so it is chosen only when asked for
-# (or listed in MEDASK_KERNELS) after its held-out bits/byte was checked for this checkpoint
+# what ``auto`` always chooses among: int8 changes the arithmetic, so it joins them only when it passes
+# the check at start (``StaticDecoder._check_int8``) or is named in a setting
 AUTO_KERNELS = ("int4", "float32", "bfloat16", "float16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -156,9 +157,15 @@ def available(kernel: str) -> str | None:
     return None
 
 
-def time_call(fn: Any, reps: int = 5) -> float:
-    """Milliseconds per call, after one warming call (kernels pack and cache on their first)."""
+def time_call(fn: Any, reps: int = 5, give_up_ms: float | None = None) -> float:
+    """Milliseconds per call, after one warming call (kernels pack and cache on their first). A warming
+    call slower than ``give_up_ms`` is the answer: a kernel several times slower than the best so far
+    is not timed further (bfloat16 on a CPU without native bf16 takes about a second to time fully)."""
+    t0 = time.perf_counter()
     fn()
+    first = 1000 * (time.perf_counter() - t0)
+    if give_up_ms is not None and first > give_up_ms:
+        return round(first, 4)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()

@@ -119,7 +119,8 @@ def choose_paths(
             probe.prepare(kernel)
             for kind, n in kinds.items():
                 x = torch.randn(n, probe.in_features)
-                timings[kind][kernel] = kernels.time_call(lambda x=x, k=kernel: probe.run(x, k), reps)
+                limit = 3 * min(timings[kind].values()) if timings[kind] else None
+                timings[kind][kernel] = kernels.time_call(lambda x=x, k=kernel: probe.run(x, k), reps, limit)
     probe.packed = {}
     given = {"small": decode, "large": decode, "prompt": prompt}
     chosen = {k: v if v != "auto" else kernels.fastest(timings[k], timed) for k, v in given.items()}
@@ -170,5 +171,6 @@ def choose_head(
                 continue
             head = Head(weight, kernel)
             xs = [torch.randn(rows, head.in_features) for rows in (1, max_rows)]
-            timing[kernel] = round(sum(kernels.time_call(lambda x=x, h=head: h(x), reps) for x in xs), 4)
+            limit = 3 * min(timing.values()) if timing else None
+            timing[kernel] = round(sum(kernels.time_call(lambda x=x, h=head: h(x), reps, limit) for x in xs), 4)
     return kernels.fastest(timing, list(timing)), timing

@@ -237,3 +237,27 @@ def test_chunked_prompts_and_kept_prefixes_keep_the_answers(ci_checkpoint: Path,
     # the same prompt again starts from its kept keys and values and gives the same answer
     again = engine.generate([GenerationJob(first[1].prompt_ids, first[1].params)])[0]
     assert again.token_ids == finished[id(first[1])].token_ids
+
+
+@pytest.mark.parametrize("bound", [50.0, -1.0])
+def test_int8_is_an_automatic_choice_only_when_it_passes_the_check_at_start(
+    ci_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, bound: float
+) -> None:
+    """int8 changes the arithmetic: auto times it only when it scores the probe text within the bound of
+    the 4-bit kernel (issue 28's +0.5%; here a bound it passes and one it cannot), and /info says so."""
+    import app.engine.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "INT8_MAX_CHANGE_PCT", bound)
+    engine = Engine.load(ci_checkpoint)
+    probe = [q + " Answer with the next steps." for q in QUESTIONS]
+    engine.use_static_decoder(
+        max_rows=4, lm_head="auto", decode_weights="auto", prompt_weights="auto", int8_probe=probe
+    )
+    d = engine.decoder
+    assert d is not None and d.int8_check is not None
+    check = engine.info()["decode"]["int8_check"]
+    assert check["probe_tokens"] >= len(probe) * 10 and abs(check["change_pct"]) < 50
+    assert check["admitted"] is (bound > 0)
+    for kind in ("small", "large", "prompt"):
+        assert ("int8" in d.weight_timing[kind]) is (bound > 0)
+    assert ("int8" in d.head_timing) is (bound > 0)
