@@ -22,10 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from app.clinical.evidence import load_pack
 from app.engine.decode import cpu_flags
 from app.engine.kernels import KERNELS
 from app.engine.local import Engine
+from app.serving import INT8_PROBE_PASSAGES
 from benchmarks.common import decode_rates, heldout_prompts, report
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE: list[str] = []
 
 
 def prefill_ms(engine: Engine, ids: list[int], repeats: int = 3) -> float:
@@ -53,6 +58,8 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     engine = Engine.load(Path(args.model))
+    pack = load_pack(ROOT / "model_artifacts" / "evidence")
+    PROBE[:] = [passage.text for passage in pack.passages[:INT8_PROBE_PASSAGES]] if pack is not None else []
     prompts = heldout_prompts(engine, 16)
     long_prompt = ([t for ids in prompts for t in ids] * 4)[:320]  # about a question with its evidence block
     rows: list[dict[str, object]] = []
@@ -60,12 +67,17 @@ def main() -> None:
     def row(name: str, **kw: str) -> dict[str, object]:
         engine.decoder = None
         if kw:
-            engine.use_static_decoder(16, compile=False, **kw)
+            # auto as served: int8 a candidate when it passes the check on the evidence pack's passages
+            probe = PROBE if "auto" in kw.values() else []
+            engine.use_static_decoder(16, compile=False, int8_probe=probe, **kw)
             d = engine.decoder
             assert d is not None
             chosen = f"head {d.head.kernel}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, prompt {d.prompt_weights}"
         else:
             chosen = "the model's forward"
+        check = engine.info()["decode"].get("int8_check") if kw else None
+        if check:
+            chosen += f" (int8 check {check['change_pct']:+.3f}%: {'admitted' if check['admitted'] else 'refused'})"
         r = {"configuration": name, "chosen": chosen, **measure(engine, prompts, long_prompt, args.tokens)}
         rows.append(r)
         print(r, flush=True)
