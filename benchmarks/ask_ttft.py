@@ -6,7 +6,8 @@ rendered prompt.
 
 MedAsk: streamed ``POST /ask`` (the default evidence, k and budget from the checkpoint's contract,
 ``grounding: off`` so the first token event is the model's first token, not the first checked
-sentence), held-out MedText questions in the General Practitioner role; TTFT = arrival of the first
+sentence), held-out MedText questions in the General Practitioner role that MedAsk answers with the
+model (out-of-scope ones are refused before any model call, and left out for every server); TTFT = arrival of the first
 ``token`` event after the triage event (routine questions carry no advice). llama-server: the prompt
 MedAsk renders for the same question (role, evidence block, question; rebuilt here with MedAsk's own
 code and checked against /ask's ``usage.prompt_tokens``) as token ids through streamed
@@ -90,6 +91,20 @@ async def ask(client: httpx.AsyncClient, t: Target, question: str, prompt: list[
     return {"ttft": ttft if ttft is not None else latency, "latency": latency, "prompt_tokens": prompt_tokens}
 
 
+def answered(model: str, questions: list[str], work: Path) -> list[str]:
+    """The questions MedAsk answers with the model: an out-of-scope question is refused by the rule layer
+    before any model call (its "first token" would be instant) and is left out for every server."""
+    t = start_medask(model, True, work / "ask-filter.log", {"MEDASK_COMPILE": "false", "MEDASK_WARMUP": "false"})
+    try:
+        body = {"role": ROLE, "max_new_tokens": 1, "grounding": "off"}
+        usage = [
+            httpx.post(f"{t.base}/ask", json={**body, "question": q}, timeout=120).json()["usage"] for q in questions
+        ]
+    finally:
+        stop(t)
+    return [q for q, u in zip(questions, usage, strict=True) if u["prompt_tokens"] > 0]
+
+
 async def drive(t: Target, questions: list[str], prompts: list[list[int]], concurrency: int, n: int, tokens: int):
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_keepalive_connections=0)
@@ -118,7 +133,7 @@ def main() -> None:
         sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
     work = ROOT / "runs" / "bench"
     _, q4 = gguf_files(args.model, work)
-    questions = [r.prompt for r in heldout_rows()[: args.questions]]
+    questions = answered(args.model, [r.prompt for r in heldout_rows()[: args.questions * 2]], work)[: args.questions]
     prompts = rendered_prompts(args.model, questions)
     slots = max(args.concurrency)
     env = {"MEDASK_MAX_BATCH_SIZE": str(slots), "MEDASK_QUEUE_SIZE": "256"}
