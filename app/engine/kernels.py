@@ -2,7 +2,7 @@
 timing that picks one on the machine it runs on.
 
 GPTQ's 4-bit checkpoint is the source of truth: every other kernel's weights are the 4-bit weights
-read back through GPTQ's own kernel (``Projection.densify``), then stored the way that kernel wants
+read back through GPTQ's own kernel (``Projection.weight``), then stored the way that kernel wants
 them. None is assumed fast: which wins depends on the CPU (native bf16 or not, AVX-512 or AVX2),
 on the rows multiplied at once (one row is bound by reading the weights, many rows by arithmetic)
 and on the layer's shape, so each is timed at start (``time_kernels``, milliseconds).
