@@ -117,3 +117,19 @@ def decode_rates(engine: Any, prompts: list[list[int]], tokens: int, batch: int 
         results = engine.generate(jobs)
         rates.append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t0))
     return rates
+
+
+def step_rate(decoder: Any, rows: int, steps: int = 64) -> float:
+    """Tokens per second of the static decode step alone at ``rows`` rows (median of 3 runs of ``steps``)."""
+    import statistics
+    import time
+
+    tokens, positions = [5] * rows, [100] * rows
+    decoder.decode(tokens, positions)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            decoder.decode(tokens, [p + i for p in positions])
+        times.append(time.perf_counter() - t0)
+    return rows * steps / statistics.median(times)

@@ -36,10 +36,10 @@ PROBE: list[str] = []
 def prefill_ms(engine: Engine, ids: list[int], repeats: int = 3) -> float:
     d = engine.decoder
     assert d is not None
-    d.prefill(0, ids)
+    d.extend(0, ids, 0)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        d.prefill(0, ids)
+        d.extend(0, ids, 0)
     return 1000 * (time.perf_counter() - t0) / repeats
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,25 +36,13 @@ def bf16_head(weight):
     return Bf16Head()
 
 
-def step_rate(decoder, rows: int, steps: int = 64) -> float:
-    tokens, positions = [5] * rows, [100] * rows
-    decoder.decode(tokens, positions)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            decoder.decode(tokens, [p + i for p in positions])
-        times.append(time.perf_counter() - t0)
-    return rows * steps / statistics.median(times)
-
-
 def main() -> None:
     import torch
 
     from app.clinical.scoring import combine
     from app.engine.decode import StaticDecoder
     from app.engine.local import Engine
-    from benchmarks.common import report
+    from benchmarks.common import report, step_rate
     from training.data import heldout_rows
     from training.evaluate import score_answers
 

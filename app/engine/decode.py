@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from app.clinical.scoring import chosen_logprobs
 from app.engine import kernels
 from app.engine.layers import SMALL_ROWS, Head, Projection, choose_head, choose_paths
 from app.engine.prefix import PrefixCache
@@ -188,20 +189,20 @@ class StaticDecoder:
         pack's first passages) through the 4-bit kernel and a float32 head, then through int8 everywhere:
         int8 may be chosen by auto only if it costs at most INT8_MAX_CHANGE_PCT (issue 28's bound on
         held-out bits/byte; equal bytes, so the NLL ratio is the bits/byte ratio). About a second at start."""
+        texts = [list(ids)[: self.context] for ids in probe]
         nll = {}
         for kernel, head_kernel in (("int4", "float32"), ("int8", "int8")):
             self.head = Head(head, head_kernel)
             for proj in projections:
                 proj.use(kernel, kernel, kernel)
-            total = 0.0
-            for ids in (list(ids)[: self.context] for ids in probe):
-                logp = torch.log_softmax(self.extend(0, list(ids), 0, every=True)[:-1], -1)
-                total -= float(logp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
-            nll[kernel] = total
+            nll[kernel] = -sum(
+                float(chosen_logprobs(self.extend(0, ids, 0, every=True)[:-1], torch.tensor(ids[1:])).sum())
+                for ids in texts
+            )
         for proj in projections:
             proj.use("int4", "int4", "int4")
         change = 100 * (nll["int8"] / nll["int4"] - 1)
-        tokens = sum(len(ids) - 1 for ids in probe)
+        tokens = sum(len(ids) - 1 for ids in texts)
         return {"probe_tokens": tokens, "change_pct": round(change, 4), "admitted": change <= INT8_MAX_CHANGE_PCT}
 
     def use_eager(self) -> None:
@@ -217,14 +218,6 @@ class StaticDecoder:
                     module(torch.zeros(1, module.in_features, dtype=torch.float32))
 
     # ---- rows ------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, slot: int, ids: Sequence[int]) -> torch.Tensor:
-        """Run a whole prompt into ``slot`` (a kept prefix reused); returns its next token's logits (vocab,)."""
-        start = self.reuse(slot, ids)
-        logits = self.extend(slot, ids[start:], start)
-        self.remember(slot, ids)
-        return logits[0]
-
     @torch.inference_mode()
     def reuse(self, slot: int, ids: Sequence[int]) -> int:
         """Copy the longest kept prefix of ``ids`` (app.engine.prefix) into ``slot``; returns its length

@@ -5,7 +5,8 @@ GPTQ's 4-bit checkpoint is the source of truth: every other kernel's weights are
 read back through GPTQ's own kernel (``Projection.weight``), then stored the way that kernel wants
 them. None is assumed fast: which wins depends on the CPU (native bf16 or not, AVX-512 or AVX2),
 on the rows multiplied at once (one row is bound by reading the weights, many rows by arithmetic)
-and on the layer's shape, so each is timed at start (``time_kernels``, milliseconds).
+and on the layer's shape, so each is timed at start (``app.engine.layers.choose_paths`` and
+``choose_head``, milliseconds).
 
 - ``int4``: GPTQ's CPU kernel (``aten._weight_int4pack_mm_for_cpu``), bfloat16 activations.
 - ``bfloat16``, ``float32``: a dense copy, ``torch.nn.functional.linear``.
@@ -13,20 +14,21 @@ and on the layer's shape, so each is timed at start (``time_kernels``, milliseco
   float32, float32 arithmetic (weights widened with F16C, present on every AVX2 CPU). The 4-bit
   weights times their fp16 scales round to fp16 exactly enough that held-out bits/byte does not move.
 - ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
-  channel, activations quantized to 8 bits per call, integer dot products (VNNI where present):
-  the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic: auto may choose it only when, at
+  channel, activations quantized per row on a fixed grid (``_int8_rows``), integer dot products
+  (VNNI where present): the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic: auto may choose it only when, at
   start, it scores text beside the checkpoint within +0.5% of the 4-bit kernel (``/info``
   ``decode.int8_check``); ``benchmarks/kernels.py`` measures its held-out bits/byte.
 
 FBGEMM's ops are deprecated upstream (torch's quantized tensors) but present in the pinned torch;
 an op that is missing or fails is not a candidate, and forcing it is a start-up error. Their packed
-weights are TorchScript objects that torch.compile cannot trace, so they are reached through one
-custom op (``medask::packed_linear``) that takes an index into a table of packed weights: the
-compiled step sees an opaque call with a known output shape.
+weights are TorchScript objects that torch.compile cannot trace, so a compiled step reaches them
+through one operator (``medask::packed_linear``) that takes an index into a table of packed
+weights: an opaque call with a known output shape. Eager calls go to FBGEMM directly.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import weakref
@@ -91,7 +93,7 @@ def _int8_rows(x: torch.Tensor, packed: Any) -> torch.Tensor:
     return out[:-1] * scale
 
 
-# packed FBGEMM weights by index, for the custom op; an entry leaves with the Packed that made it
+# packed FBGEMM weights by index, for the operator; an entry leaves with the Packed that made it
 _TABLE: dict[int, Any] = {}
 _NEXT = itertools.count()
 
@@ -121,7 +123,7 @@ class Packed:
         packed = _pack(kernel, weight)
         self.tensor = packed if isinstance(packed, torch.Tensor) else None
         self.index = -1
-        if self.tensor is None:  # a TorchScript object: reached through the custom op
+        if self.tensor is None:  # a TorchScript object: reached through the operator when compiled
             self.index = next(_NEXT)
             _TABLE[self.index] = packed
             weakref.finalize(self, _TABLE.pop, self.index, None)
@@ -144,8 +146,9 @@ def nbytes(kernel: str, out_features: int, in_features: int) -> int:
     return out_features * in_features * per + (8 * out_features if kernel == "int8" else 0)
 
 
+@functools.cache
 def available(kernel: str) -> str | None:
-    """Why ``kernel`` cannot run on this torch build (None: it can)."""
+    """Why ``kernel`` cannot run on this torch build (None: it can); tried once per process."""
     if kernel in ("int4", "float32", "bfloat16"):
         return None
     try:

@@ -38,14 +38,11 @@ class Projection:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_and_zeros)
         return out.t().float().contiguous()
 
-    def prepare(self, kernel: str) -> int:
-        """Keep the weights packed for ``kernel``; returns the bytes (0 for the 4-bit kernel or a layer
-        that is not a 4-bit kernel layer)."""
-        if not self.fused or kernel == "int4":
-            return 0
-        if kernel not in self.packed:
+    def prepare(self, kernel: str) -> None:
+        """Keep the weights packed for ``kernel`` (nothing for the 4-bit kernel or a layer that is not
+        a 4-bit kernel layer)."""
+        if self.fused and kernel != "int4" and kernel not in self.packed:
             self.packed[kernel] = kernels.Packed(kernel, self.weight())
-        return self.bytes(kernel)
 
     def use(self, small: str, large: str, prompt: str) -> None:
         """Which kernel serves a decode step of few rows (up to SMALL_ROWS), of more rows, and a
