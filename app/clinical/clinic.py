@@ -13,6 +13,7 @@ it, so a new step is added here and nowhere else. No FastAPI: routes parse, call
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from app.errors import ApiError
 from app.manifest import ServingContract
 from app.metrics import Metrics
 from app.settings import Settings
+
+# evidence lines whose token counts are kept (a few hundred bytes each)
+EVIDENCE_COUNTS_KEPT = 4096
 
 # tokens the evidence frame adds around the block ("\n\nQuestion: "), kept out of the block's budget
 EVIDENCE_FRAME_TOKENS = 16
@@ -92,6 +96,9 @@ class Clinic:
     ) -> None:
         self.settings, self.metrics, self.engine, self.safety = settings, metrics, engine, safety
         self.evidence, self.evidence_note, self.contract = evidence, evidence_note, contract
+        # token counts of evidence lines (passage text from the pack, never a question): the same passages
+        # recur across questions, and counting them was a third of the evidence block's time
+        self._evidence_tokens = functools.lru_cache(maxsize=EVIDENCE_COUNTS_KEPT)(engine.count_tokens)
 
     # ---- prepare ------------------------------------------------------------------
     async def prepare(self, consult: Consult) -> Plan:
@@ -194,7 +201,7 @@ class Clinic:
         default_k, max_tokens = self.evidence_contract()
         t0 = time.perf_counter()
         passages, block = gather(
-            self.evidence, role, question, self.engine.count_tokens, k or default_k, min(max_tokens, room)
+            self.evidence, role, question, self._evidence_tokens, k or default_k, min(max_tokens, room)
         )
         self.metrics.evidence_seconds.observe(time.perf_counter() - t0)
         self.metrics.evidence_requests.labels("hit" if passages else "empty").inc()

@@ -232,3 +232,18 @@ def test_a_condition_the_question_names_is_found_however_much_else_it_says(
     monkeypatch.setattr(evidence, "NAMED_BOOST", 0)
     monkeypatch.setattr(evidence, "FOCUS_BONUS", 0.0)
     assert pack.retrieve(question, 2)[0].doc_id == "camp"  # BM25 alone: the worry wins
+
+
+@pytest.mark.parametrize("n", [5, 300, 3000])
+def test_ranking_in_two_parts_is_the_whole_corpus_stable_sort(n: int) -> None:
+    """Retrieval sorts the best scores first and the rest only when read: the order must be exactly a
+    stable sort of every positive score (ties in corpus order), read to the end or not."""
+    import numpy as np
+
+    from app.clinical.evidence import _ranked
+
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        scores = np.round(rng.random(n) * 4, 1) - 1  # many ties, some scores <= 0
+        whole = [int(i) for i in np.argsort(-scores, kind="stable") if scores[i] > 0]
+        assert list(_ranked(scores)) == whole

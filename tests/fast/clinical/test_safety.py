@@ -143,3 +143,19 @@ def test_a_missing_or_non_utf8_rule_file_is_a_clear_error(tmp_path: Path) -> Non
     bad.write_bytes("version: caf\xe9".encode("latin-1"))
     with pytest.raises(SafetyRulesError, match="not UTF-8"):
         SafetyLayer.load(bad)
+
+
+def test_plain_phrases_and_token_patterns_match_alike() -> None:
+    """Plain word sequences go to spaCy's PhraseMatcher, the rest to its token Matcher: one match list,
+    each (label, start, end) once, in the order of the text, whichever matcher found it."""
+    import spacy
+
+    from app.clinical.safety import _Matchers
+
+    nlp = spacy.blank("en")
+    m = _Matchers(nlp.vocab)
+    m.add("chest_pain", [[{"LOWER": "chest"}, {"LOWER": "pain"}], [{"LOWER": "chest"}, {"LOWER": {"REGEX": "^pai"}}]])
+    m.add("pain", [[{"LOWER": "pain"}]])
+    doc = nlp.make_doc("Chest pain, then more chest pain")
+    assert m(doc) == [("chest_pain", 0, 2), ("pain", 1, 2), ("chest_pain", 5, 7), ("pain", 6, 7)]
+    assert "chest_pain" in m.phrases and len(m.tokens) == 1  # the plain phrase is not in the token Matcher
