@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+NATIVE := $(VENV)/.native-$(shell cat app/engine/native/kernels.cpp | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -12,7 +13,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
 .PHONY: install evidence serve test lint model bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 	  || echo "warning: npm could not install newman and axe-core; their tests will fail or skip until it can"; fi
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# MedAsk's C++ kernels (app/engine/native): g++ and ninja, about 15 s; without them the service keeps
+# its other kernels, and the native kernels' tests fail until this succeeds
+$(NATIVE): $(STAMP) app/engine/native/kernels.cpp
+	($(PY) -m app.engine.native build && rm -f $(VENV)/.native-* && touch $@) \
+	  || echo "warning: could not build app/engine/native (needs g++); its kernels are unavailable"
 
 evidence: install  ## the default evidence pack: verified, or rebuilt from vendored data against its committed manifest
 	$(PY) -m training evidence --default

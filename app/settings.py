@@ -71,10 +71,10 @@ class Settings(BaseSettings):
     compile_cache_dir: Path | None = Field(
         None, description="where compiled kernels are kept across restarts (TorchInductor's cache); default: torch's"
     )
-    lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+    lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "float16-avx2"] = Field(
         "auto",
-        description="the static step's LM head kernel (app.engine.kernels). auto: float32, bfloat16 and float16 "
-        "are timed at start on this CPU and the fastest kept (bfloat16 reads half the bytes but is 5-10x slower "
+        description="the static step's LM head kernel (app.engine.kernels). auto: float32, bfloat16, float16 and "
+        "float16-avx2 (MedAsk's C++ kernel, built at install) are timed at start on this CPU and the fastest kept (bfloat16 reads half the bytes but is 5-10x slower "
         "on CPUs without native bf16); int8 (8-bit activations) only when named; float32 to match /perplexity "
         "to the last digit",
     )
@@ -83,15 +83,18 @@ class Settings(BaseSettings):
         description="answers: every sentence shown supported by a cited passage (strict: others withheld; mark: "
         "marked; off: unchecked); a request's `grounding` overrides it",
     )
-    decode_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8"] = Field(
-        "auto",
-        description="the static step's kernel for decode steps: int4 (GPTQ's kernel) or a copy of its weights "
-        "read back through it (float32, bfloat16, float16: FBGEMM's fp16 GEMM; int8: FBGEMM's dynamic int8, "
-        "8-bit activations, only when named); auto: int4/float32/bfloat16/float16 are timed at start on this CPU "
-        "and the fastest kept",
+    decode_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2"] = (
+        Field(
+            "auto",
+            description="the static step's kernel for decode steps: int4 (GPTQ's kernel), int4-avx2 (the same 4-bit "
+            "weights through MedAsk's C++ kernel, float32 activations) or a copy of its weights read back through it "
+            "(float32, bfloat16, float16: FBGEMM's fp16 GEMM; float16-avx2; int8: FBGEMM's dynamic int8, 8-bit "
+            "activations, only when named or admitted by int8_auto); auto: the others are timed at start on this CPU "
+            "and the fastest kept",
+        )
     )
-    prompt_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8"] = Field(
-        "auto", description="the same choice for prompts (many rows at once)"
+    prompt_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2"] = (
+        Field("auto", description="the same choice for prompts (many rows at once)")
     )
     dense_weights_mb: int = Field(
         1024, ge=0, le=1 << 20, description="most memory for dense copies of the 4-bit weights (per copy kind)"

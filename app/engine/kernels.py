@@ -13,12 +13,18 @@ and on the layer's shape, so each is timed at start (``app.engine.layers.choose_
 - ``float16``: FBGEMM's fp16-weight GEMM (``quantized::linear_dynamic_fp16``): half the bytes of
   float32, float32 arithmetic (weights widened with F16C, present on every AVX2 CPU). The 4-bit
   weights times their fp16 scales round to fp16 exactly enough that held-out bits/byte does not move.
+- ``int4-avx2``: MedAsk's own kernel (``app.engine.native``, C++, built at install): the 4-bit weights
+  and their group scales as GPTQ stores them, widened in registers and multiplied by float32
+  activations; exact arithmetic (no bfloat16 input, unlike ``int4``) and half float16's bytes.
+- ``float16-avx2``: the same for float16 weights (the LM head as the checkpoint stores it).
 - ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
   channel, activations quantized per row on a fixed grid (``_int8_rows``), integer dot products
   (VNNI where present): the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic: auto may choose it only when, at
   start, it scores text beside the checkpoint within +0.5% of the 4-bit kernel (``/info``
   ``decode.int8_check``); ``benchmarks/kernels.py`` measures its held-out bits/byte.
 
+The two native kernels are C++ operators a compiled step calls directly; they exist only where the
+library was built and the CPU has AVX2, FMA and F16C (``app.engine.native.load`` says why not).
 FBGEMM's ops are deprecated upstream (torch's quantized tensors) but present in the pinned torch;
 an op that is missing or fails is not a candidate, and forcing it is a start-up error. Their packed
 weights are TorchScript objects that torch.compile cannot trace, so a compiled step reaches them
@@ -38,19 +44,53 @@ from typing import Any
 import torch
 
 # every kernel a setting may name, reference first
-KERNELS = ("int4", "float32", "bfloat16", "float16", "int8")
+KERNELS = ("int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2")
 # what ``auto`` always chooses among: int8 changes the arithmetic, so it joins them only when it passes
 # the check at start (``StaticDecoder._check_int8``) or is named in a setting
-AUTO_KERNELS = ("int4", "float32", "bfloat16", "float16")
+AUTO_KERNELS = ("int4", "float32", "bfloat16", "float16", "int4-avx2", "float16-avx2")
+# kernels of 4-bit weights only (not for the LM head, which the checkpoint keeps in 16 bits)
+FOUR_BIT = ("int4", "int4-avx2")
+# kernels of app.engine.native
+NATIVE = ("int4-avx2", "float16-avx2")
+# FBGEMM's packed weights (TorchScript objects: reached through the medask::packed_linear operator)
+FBGEMM = ("float16", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# GPTQ's CPU kernel stores a group's 4-bit values q as w = (q - 8) * scale + zero
+INT4_MIDPOINT = 8
+
+
+def int4_groups(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The 4-bit kernel's operands for ``weight`` (out, in) float32, whose groups hold 4-bit values on
+    ``scale`` and ``zero`` (out, groups): (packed (out, in/2) uint8 in ggml's Q4_0 block order, scale,
+    offset) with w = q * scale + offset. Weights off that grid are a KernelError (not a 4-bit layer)."""
+    out, n = weight.shape
+    groups = scale.shape[1]
+    if n % groups or (n // groups) % 32:
+        raise KernelError(f"int4-avx2: {n} inputs in {groups} groups (groups of a multiple of 32 inputs needed)")
+    w = weight.float().view(out, groups, n // groups)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = torch.round((w - z) / s + INT4_MIDPOINT).clamp(0, 15)
+    # the weights were read back through a kernel with bfloat16 output: on the grid within its rounding
+    if ((q - INT4_MIDPOINT) * s + z - w).abs().amax() > w.abs().amax() * 2**-7 + 1e-12:
+        raise KernelError("int4-avx2: the weights are not 4-bit values on their group scales")
+    blocks = q.to(torch.uint8).view(out, n // 32, 2, 16)  # ggml's order: byte j = input j (low), j + 16 (high)
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, n // 2).contiguous()
+    offset = (zero.float() - INT4_MIDPOINT * scale.float()).contiguous()
+    return packed, scale.float().contiguous(), offset
 
 
 class KernelError(ValueError):
     """A kernel named in the settings cannot run here (missing op, no memory budget for it)."""
 
 
-def _pack(kernel: str, weight: torch.Tensor) -> Any:
+def _pack(kernel: str, weight: torch.Tensor, groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+    if kernel == "int4-avx2":
+        if groups is None:
+            raise KernelError("int4-avx2 runs 4-bit layers only (their group scales are needed)")
+        return int4_groups(weight, *groups)
     weight = weight.float().contiguous()
+    if kernel == "float16-avx2":
+        return weight.half().contiguous()
     if kernel == "float32":
         return weight
     if kernel == "bfloat16":
@@ -66,6 +106,11 @@ def _pack(kernel: str, weight: torch.Tensor) -> Any:
 
 
 def _multiply(kernel: str, x: torch.Tensor, packed: Any) -> torch.Tensor:
+    if kernel == "int4-avx2":
+        w, scale, offset = packed
+        return torch.ops.medask_native.q4_linear(x, w, scale, offset, x.shape[-1] // scale.shape[1])
+    if kernel == "float16-avx2":
+        return torch.ops.medask_native.f16_linear(x, packed)
     if kernel == "float32":
         return torch.nn.functional.linear(x, packed)
     if kernel == "bfloat16":
@@ -115,13 +160,16 @@ torch.library.register_fake("medask::packed_linear", _packed_linear_shape, lib=_
 
 class Packed:
     """One weight matrix packed for one kernel. ``Packed(kernel, weight)`` with ``weight`` (out, in)
-    in float32; calling it with x (rows, in) float32 gives (rows, out) float32. Not for ``int4``."""
+    in float32 (and, for ``int4-avx2``, ``groups``: its scale and zero (out, groups)); calling it with
+    x (rows, in) float32 gives (rows, out) float32. Not for ``int4``."""
 
-    def __init__(self, kernel: str, weight: torch.Tensor) -> None:
+    def __init__(
+        self, kernel: str, weight: torch.Tensor, groups: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         self.kernel = kernel
         self.out_features, self.in_features = (int(n) for n in weight.shape)
-        packed = _pack(kernel, weight)
-        self.tensor = packed if isinstance(packed, torch.Tensor) else None
+        packed = _pack(kernel, weight, groups)
+        self.tensor = None if kernel in FBGEMM else packed  # tensors a compiled graph can trace
         self.index = -1
         if self.tensor is None:  # a TorchScript object: reached through the operator when compiled
             self.index = next(_NEXT)
@@ -141,8 +189,11 @@ class Packed:
 
 
 def nbytes(kernel: str, out_features: int, in_features: int) -> int:
-    """Memory a packed copy takes (0 for the 4-bit kernel's own weights)."""
-    per = {"int4": 0, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[kernel]
+    """Memory a packed copy takes (0 for the 4-bit kernel's own weights; int4-avx2 counted with groups
+    of 128 inputs)."""
+    if kernel == "int4-avx2":
+        return out_features * in_features // 2 + 8 * out_features * max(1, in_features // 128)
+    per = {"int4": 0, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float16-avx2": 2}[kernel]
     return out_features * in_features * per + (8 * out_features if kernel == "int8" else 0)
 
 
@@ -151,10 +202,21 @@ def available(kernel: str) -> str | None:
     """Why ``kernel`` cannot run on this torch build (None: it can); tried once per process."""
     if kernel in ("int4", "float32", "bfloat16"):
         return None
+    if kernel in NATIVE:
+        from app.engine import native
+
+        if why := native.load():
+            return f"{kernel}: {why}"
     try:
-        out = Packed(kernel, torch.randn(8, 16))(torch.randn(2, 16))
+        # 4-bit values times a power of two: exact in every kernel's weight format
+        scale, zero = torch.full((8, 1), 0.125), torch.zeros(8, 1)
+        weight = (torch.randint(0, 16, (8, 128)) - INT4_MIDPOINT) * scale
+        x = torch.randn(2, 128)
+        out = Packed(kernel, weight, (scale, zero))(x)
         if out.shape != (2, 8):
             return f"{kernel} gave shape {tuple(out.shape)}"
+        if kernel in NATIVE and not torch.allclose(out, x @ weight.t(), rtol=1e-3, atol=1e-3):
+            return f"{kernel} gave wrong products on this CPU"
     except Exception as exc:  # an op missing from this build, an engine without it
         return f"{kernel}: {type(exc).__name__}: {exc}"[:300]
     return None

@@ -38,11 +38,16 @@ class Projection:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_and_zeros)
         return out.t().float().contiguous()
 
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 4-bit weights' scale and zero per group, (out, groups) float32, as GPTQ's kernel keeps them."""
+        return self.scales_and_zeros[..., 0].t().float(), self.scales_and_zeros[..., 1].t().float()
+
     def prepare(self, kernel: str) -> None:
         """Keep the weights packed for ``kernel`` (nothing for the 4-bit kernel or a layer that is not
-        a 4-bit kernel layer)."""
+        a 4-bit kernel layer). A KernelError: this layer's weights cannot take that kernel."""
         if self.fused and kernel != "int4" and kernel not in self.packed:
-            self.packed[kernel] = kernels.Packed(kernel, self.weight())
+            groups = self.groups() if kernel == "int4-avx2" else None
+            self.packed[kernel] = kernels.Packed(kernel, self.weight(), groups)
 
     def use(self, small: str, large: str, prompt: str) -> None:
         """Which kernel serves a decode step of few rows (up to SMALL_ROWS), of more rows, and a
@@ -112,8 +117,12 @@ def choose_paths(
     kinds = {"small": 1, "large": max(max_rows, SMALL_ROWS + 1), "prompt": PROMPT_PROBE_ROWS}
     timings: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
     with torch.inference_mode():
-        for kernel in timed:
-            probe.prepare(kernel)
+        for kernel in list(timed):
+            try:
+                probe.prepare(kernel)
+            except kernels.KernelError:  # not for these weights (int4-avx2 on weights off GPTQ's grid)
+                timed.remove(kernel)
+                continue
             for kind, n in kinds.items():
                 x = torch.randn(n, probe.in_features)
                 limit = 3 * min(timings[kind].values()) if timings[kind] else None
@@ -156,7 +165,10 @@ class Head:
 
 
 def choose_head(
-    weight: torch.Tensor, max_rows: int, candidates: Sequence[str] = ("float32", "bfloat16", "float16"), reps: int = 5
+    weight: torch.Tensor,
+    max_rows: int,
+    candidates: Sequence[str] = ("float32", "bfloat16", "float16", "float16-avx2"),
+    reps: int = 5,
 ) -> tuple[str, dict[str, float]]:
     """Time the LM head in each candidate kernel on this CPU (one row and a full batch) and pick the
     fastest: bfloat16 reads half the bytes, but without native bf16 instructions (AVX2-only CPUs) it
@@ -164,7 +176,7 @@ def choose_head(
     timing: dict[str, float] = {}
     with torch.inference_mode():
         for kernel in candidates:
-            if kernel == "int4" or kernels.available(kernel) is not None:
+            if kernel in kernels.FOUR_BIT or kernels.available(kernel) is not None:
                 continue
             head = Head(weight, kernel)
             xs = [torch.randn(rows, head.in_features) for rows in (1, max_rows)]

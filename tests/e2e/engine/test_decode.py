@@ -58,10 +58,11 @@ TOLERANCE = {"float32": 5e-3, "float16": 5e-3, "bfloat16": 1.5e-2, "int8": 5e-2}
     ("decode", "prompt", "head"),
     [
         ("int4", "int4", "float32"),
-        ("float32", "float32", "float32"),
+        ("float32", "float32", "bfloat16"),
         ("bfloat16", "int4", "float32"),
         ("float16", "float16", "float16"),
-        ("int4", "float16", "bfloat16"),
+        ("int4-avx2", "float16", "float16-avx2"),
+        ("float16-avx2", "int4-avx2", "float32"),
         ("int8", "int8", "int8"),
         ("auto", "auto", "auto"),
     ],
@@ -81,7 +82,9 @@ def test_every_kernel_gives_the_models_answers(
     else:
         timing = d.weight_timing
         assert set(AUTO_KERNELS) == set(timing["small"]) == set(timing["large"]) == set(timing["prompt"])
-        assert d.decode_small == min(timing["small"], key=timing["small"].__getitem__)
+        # one-row kernels near the best on one projection are timed again over a whole step
+        small = timing.get("small_step") or timing["small"]
+        assert d.decode_small == min(small, key=small.__getitem__)
         assert d.decode_large == min(timing["large"], key=timing["large"].__getitem__)
     info = engine.info()["decode"]
     assert info["decode_weights"] == {"1-4 rows": d.decode_small, "more rows": d.decode_large}

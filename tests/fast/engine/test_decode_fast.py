@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from app.engine import kernels
 from app.engine.decode import MAX_STATIC_CACHE_BYTES, cache_bytes, cpu_flags, supports
 from app.engine.layers import choose_head
 
@@ -15,7 +16,8 @@ from app.engine.layers import choose_head
 def test_the_head_kernel_is_the_fastest_one_measured_here() -> None:
     head = torch.randn(64, 512)
     chosen, timing = choose_head(head, max_rows=4, reps=2)
-    assert set(timing) == {"float32", "bfloat16", "float16"} and all(v > 0 for v in timing.values())
+    runs_here = {k for k in ("float32", "bfloat16", "float16", "float16-avx2") if kernels.available(k) is None}
+    assert set(timing) == runs_here and all(v > 0 for v in timing.values())
     assert chosen == min(timing, key=timing.__getitem__)
 
 

@@ -1,0 +1,95 @@
+"""MedAsk's own CPU kernels (``kernels.cpp``): built once at install, loaded when the step starts.
+
+    python -m app.engine.native build      # `make install` runs it (g++ and ninja; about 15 s)
+
+The library is built into ``<venv>/medask-native/<source hash>/`` (a changed source is a new folder,
+so a stale build is never loaded) through a temporary folder renamed into place: an interrupted build
+leaves nothing that looks finished. Nothing is compiled while serving: a service without the library
+(no compiler at install, a CPU without AVX2/FMA/F16C) keeps every other kernel, and ``/info`` and a
+forced setting say why these are missing. Operators: ``torch.ops.medask_native.q4_linear``,
+``f16_linear`` (C++, so a compiled step calls them without a Python body).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+NAME = "medask_native"
+# the instruction sets the kernels are compiled for (-mavx2 -mfma -mf16c): every AVX2 CPU since 2013
+NEEDS = ("avx2", "fma", "f16c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MEDASK_NATIVE_DIR") or Path(sys.prefix) / "medask-native")
+    return root / digest / f"{NAME}.so"
+
+
+def cpu_lacks() -> list[str]:
+    """The instruction sets the kernels need that this CPU does not report."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return list(NEEDS)
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "").split()
+    return [f for f in NEEDS if f not in line]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library (if this source has not been built) and return its path."""
+    from torch.utils import cpp_extension
+
+    target = library_path()
+    if target.is_file():
+        return target
+    work = target.parent.with_name(target.parent.name + f".tmp{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        cpp_extension.load(
+            name=NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(work),
+            is_python_module=False,
+            verbose=verbose,
+        )
+        if target.parent.exists():  # another build finished first: same source, same library
+            return target
+        work.rename(target.parent)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+@functools.cache
+def load() -> str | None:
+    """Load the built library once per process; why it cannot be used (None: its operators are ready)."""
+    lacks = cpu_lacks()
+    if lacks:
+        return f"this CPU lacks {', '.join(lacks)}"
+    path = library_path()
+    if not path.is_file():
+        return f"not built ({path} missing: `make install` or `python -m app.engine.native build` builds it, with g++)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        return f"{path} failed to load: {exc}"[:300]
+    # shapes for torch.compile: the operators are opaque calls with a known output
+    torch.library.register_fake(f"{NAME}::q4_linear")(_rows_by_out)
+    torch.library.register_fake(f"{NAME}::f16_linear")(_rows_by_out)
+    return None
+
+
+def _rows_by_out(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)

@@ -1,0 +1,89 @@
+"""MedAsk's C++ kernels (app/engine/native, built by `make install`) without a model: the 4-bit kernel
+computes GPTQ's dequantized weights times float32 activations for every row tiling, the float16 one
+the float16 weights' product; both run inside a compiled graph; weights off the 4-bit grid and a CPU
+without the instruction sets are refused with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine import kernels, native
+
+
+def four_bit(out: int, n: int, group: int = 128, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Weights on GPTQ's grid: w = (q - 8) * scale (+ zero) per group of ``group`` inputs."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, n), generator=g).float()
+    scale = torch.rand(out, n // group, generator=g) * 0.02 + 0.005
+    zero = torch.randn(out, n // group, generator=g) * 0.01
+    weight = ((q - 8).view(out, -1, group) * scale[..., None] + zero[..., None]).view(out, n)
+    return weight, scale, zero
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    if native.cpu_lacks():
+        pytest.skip(f"this CPU lacks {native.cpu_lacks()}: the native kernels are never candidates here")
+    assert native.load() is None, native.load()  # `make install` builds the library
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])
+def test_the_4bit_kernel_computes_the_dequantized_product(rows: int) -> None:
+    weight, scale, zero = four_bit(96, 256)
+    x = torch.randn(rows, 256)
+    got = kernels.Packed("int4-avx2", weight, (scale, zero))(x)
+    want = x.double() @ weight.double().t()
+    assert got.shape == (rows, 96) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_the_float16_kernel_computes_the_float16_weights_product(rows: int) -> None:
+    weight, x = torch.randn(80, 64), torch.randn(rows, 64)
+    got = kernels.Packed("float16-avx2", weight)(x)
+    want = x.double() @ weight.half().double().t()
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_off_the_4bit_grid_are_refused() -> None:
+    weight, scale, zero = four_bit(8, 128)
+    with pytest.raises(kernels.KernelError, match="not 4-bit values"):
+        kernels.int4_groups(weight + 0.003 * torch.randn_like(weight), scale, zero)
+    with pytest.raises(kernels.KernelError, match="group scales are needed"):
+        kernels.Packed("int4-avx2", weight)
+
+
+def test_native_kernels_run_inside_a_compiled_graph() -> None:
+    weight, scale, zero = four_bit(64, 128)
+    packed = kernels.Packed("int4-avx2", weight, (scale, zero))
+    head = kernels.Packed("float16-avx2", torch.randn(32, 64))
+    compiled = torch.compile(lambda x: head(torch.relu(packed(x))), fullgraph=True, dynamic=True)
+    for rows in (1, 3):
+        x = torch.randn(rows, 128)
+        with torch.inference_mode():
+            assert torch.allclose(compiled(x), head(torch.relu(packed(x))), atol=1e-5)
+
+
+def test_a_cpu_without_avx2_never_loads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "cpu_lacks", lambda: ["avx2", "fma"])
+    native.load.cache_clear()
+    kernels.available.cache_clear()
+    try:
+        assert native.load() == "this CPU lacks avx2, fma"
+        assert "int4-avx2: this CPU lacks avx2" in (kernels.available("int4-avx2") or "")
+    finally:
+        native.load.cache_clear()
+        kernels.available.cache_clear()
+    monkeypatch.undo()
+    assert native.load() is None
+
+
+def test_a_changed_source_is_a_new_library(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A stale build is never loaded: the folder is named by the source's hash."""
+    source = tmp_path / "kernels.cpp"
+    source.write_text("// one\n")
+    monkeypatch.setattr(native, "SOURCE", source)
+    first = native.library_path()
+    source.write_text("// two\n")
+    assert native.library_path() != first and native.library_path().name == "medask_native.so"
