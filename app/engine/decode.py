@@ -231,14 +231,14 @@ class StaticDecoder:
         for proj in projections:  # each within the dense budget; the ones not chosen are freed by use()
             for kernel in contenders:
                 proj.prepare(kernel)
-        # interleaved rounds, the least time of each: a shared machine's noise only ever adds time
-        step_ms: dict[str, float] = {}
-        for _ in range(STEP_RETIME_ROUNDS):
-            for kernel in contenders:
-                for proj in projections:
-                    proj.small_path = proj.large_path = kernel
-                took = kernels.time_call(lambda: self.step(*self._probe_step()), reps=5)
-                step_ms[kernel] = min(step_ms.get(kernel, took), took)
+
+        def step_through(kernel: str) -> None:
+            for proj in projections:
+                proj.small_path = proj.large_path = kernel
+            self.step(*self._probe_step())
+
+        calls = {k: (lambda k=k: step_through(k)) for k in contenders}
+        step_ms = kernels.time_interleaved(calls, reps=5, rounds=STEP_RETIME_ROUNDS)
         self.weight_timing["small_step"] = step_ms
         return kernels.fastest(step_ms, contenders)
 

@@ -237,6 +237,28 @@ def time_call(fn: Any, reps: int = 5, give_up_ms: float | None = None) -> float:
     return round(1000 * (time.perf_counter() - t0) / reps, 4)
 
 
+# rounds of interleaved timing: each candidate's least time is kept
+ROUNDS = 3
+
+
+def time_interleaved(
+    calls: dict[str, Any], reps: int = 5, rounds: int = ROUNDS, give_up: float = 3.0
+) -> dict[str, float]:
+    """Milliseconds per call of each candidate: ``rounds`` rounds, every candidate timed in each, the least
+    time kept. On a shared machine a candidate timed once can land on a busy moment (40% swings were seen
+    on the 2-core machine) and lose to a slower one; noise only ever adds time, and interleaving spreads
+    it over all. A candidate ``give_up`` times slower than the best of its first round is not timed again."""
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name, call in calls.items():
+            if r and best[name] > give_up * min(best.values()):
+                continue
+            limit = give_up * min(best.values()) if best and r == 0 else None
+            took = time_call(call, reps, limit)
+            best[name] = min(best.get(name, took), took)
+    return best
+
+
 def fastest(timings: dict[str, float], candidates: Sequence[str]) -> str:
     """The candidate with the least time (ties to the earlier candidate: the reference comes first)."""
     timed = [k for k in candidates if k in timings]

@@ -115,18 +115,17 @@ def choose_paths(
     probe = max(fused, key=lambda p: sum(p.splits) * p.in_features)
     timed = [k for k in candidates if sum(p.bytes(k) for p in fused) <= budget and kernels.available(k) is None]
     kinds = {"small": 1, "large": max(max_rows, SMALL_ROWS + 1), "prompt": PROMPT_PROBE_ROWS}
-    timings: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
+    timings: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for kernel in list(timed):
             try:
                 probe.prepare(kernel)
             except kernels.KernelError:  # not for these weights (int4-avx2 on weights off GPTQ's grid)
                 timed.remove(kernel)
-                continue
-            for kind, n in kinds.items():
-                x = torch.randn(n, probe.in_features)
-                limit = 3 * min(timings[kind].values()) if timings[kind] else None
-                timings[kind][kernel] = kernels.time_call(lambda x=x, k=kernel: probe.run(x, k), reps, limit)
+        for kind, n in kinds.items():
+            x = torch.randn(n, probe.in_features)
+            calls = {k: (lambda k=k, x=x: probe.run(x, k)) for k in timed}
+            timings[kind] = kernels.time_interleaved(calls, reps)
     probe.packed = {}
     given = {"small": decode, "large": decode, "prompt": prompt}
     chosen = {k: v if v != "auto" else kernels.fastest(timings[k], timed) for k, v in given.items()}
@@ -173,13 +172,9 @@ def choose_head(
     """Time the LM head in each candidate kernel on this CPU (one row and a full batch) and pick the
     fastest: bfloat16 reads half the bytes, but without native bf16 instructions (AVX2-only CPUs) it
     was measured 5-10x slower, so no kernel is assumed. A few milliseconds at start."""
-    timing: dict[str, float] = {}
+    heads = {k: Head(weight, k) for k in candidates if k not in kernels.FOUR_BIT and kernels.available(k) is None}
+    xs = [torch.randn(rows, weight.shape[1]) for rows in (1, max_rows)]
     with torch.inference_mode():
-        for kernel in candidates:
-            if kernel in kernels.FOUR_BIT or kernels.available(kernel) is not None:
-                continue
-            head = Head(weight, kernel)
-            xs = [torch.randn(rows, head.in_features) for rows in (1, max_rows)]
-            limit = 3 * min(timing.values()) if timing else None
-            timing[kernel] = round(sum(kernels.time_call(lambda x=x, h=head: h(x), reps, limit) for x in xs), 4)
+        calls = {k: (lambda h=h: [h(x) for x in xs]) for k, h in heads.items()}
+        timing = {k: round(v, 4) for k, v in kernels.time_interleaved(calls, reps).items()}
     return kernels.fastest(timing, list(timing)), timing
