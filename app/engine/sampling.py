@@ -28,6 +28,9 @@ class Row:
     ids: list[int] = field(default_factory=list)
     lps: list[float] = field(default_factory=list)
     text: str = ""  # what has been streamed
+    decoded: str = ""  # the ids' text so far (incremental: see Sampler._decode)
+    window: int = 0  # ids[window:read] were decoded last time: the context the next piece is decoded with
+    read: int = 0
     finish: str | None = None
     first_at: float | None = None
     tops: list[dict[str, float]] = field(default_factory=list)
@@ -114,7 +117,7 @@ class Sampler:
         if top is not None:
             row.tops.append(top)
         if job.on_text is not None or params.stop:  # detokenize per step only when someone needs the text
-            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            text = self._decode(row)
             if params.stop:
                 cut = find_stop(text, params.stop, len(row.text))
                 if cut is not None:
@@ -129,6 +132,20 @@ class Sampler:
             row.finish = "length"
         elif job.cancelled.is_set():
             row.finish = "cancelled"
+
+    def _decode(self, row: Row) -> str:
+        """The row's text so far, decoding only the new ids with a few before them for context (vLLM's
+        incremental detokenizing): decoding every id at every step made a step's cost grow with the answer
+        (about 50 us a row at 64 tokens, 16 rows a step). The piece is the text of ``ids[window:]`` past the
+        text of ``ids[window:read]``: both decoded from the same first id, so a tokenizer's handling of a
+        leading space or a byte sequence is the same in both. An unfinished character waits for its bytes."""
+        ids = row.ids
+        before = self.tokenizer.decode(ids[row.window : row.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[row.window :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            row.decoded += after[len(before) :]
+            row.window, row.read = row.read, len(ids)
+        return row.decoded
 
     def result(self, row: Row) -> GenerationResult:
         job = row.job
