@@ -101,5 +101,5 @@ def test_interleaved_timing_keeps_each_candidates_least_time() -> None:
 
     got = kernels.time_interleaved({"a": a, "b": b, "c": c}, reps=5, rounds=3)
     assert kernels.fastest(got, ["b", "a", "c"]) == "a"
-    assert got["a"] < 1.5 < got["b"] < 10 < got["c"]
+    assert got["a"] < got["b"] < got["c"]
     assert calls["c"] == 1  # its first call was past 3x the best: never timed further
