@@ -51,6 +51,9 @@ def build(verbose: bool = False) -> Path:
     target = library_path()
     if target.is_file():
         return target
+    # the ninja pip installed sits beside this interpreter, whose folder need not be on PATH (make runs
+    # .venv/bin/python without activating the environment)
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     work = target.parent.with_name(target.parent.name + f".tmp{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
