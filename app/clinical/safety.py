@@ -116,8 +116,10 @@ class _Matchers:
     def add(self, label: str, patterns: list[list[dict[str, Any]]]) -> None:
         from spacy.tokens import Doc
 
-        plain = [p for p in patterns if all(set(t) == {"LOWER"} and isinstance(t["LOWER"], str) for t in p)]
-        other = [p for p in patterns if not any(p is q for q in plain)]
+        plain: list[list[dict[str, Any]]] = []
+        other: list[list[dict[str, Any]]] = []
+        for p in patterns:  # a plain phrase: every token one exact lower-case word
+            (plain if all(set(t) == {"LOWER"} and isinstance(t["LOWER"], str) for t in p) else other).append(p)
         if plain:
             self.phrases.add(label, [Doc(self.vocab, words=[t["LOWER"] for t in p]) for p in plain])
         if other:

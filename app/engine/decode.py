@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,13 +85,10 @@ def supports(model: Any) -> str | None:
 @functools.cache
 def cpu_flags() -> tuple[str, ...]:
     """The instruction sets that decide which kernels are fast here (benchmarks record them too)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return ()
-    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
+    from app.engine.native import reported_flags
+
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return tuple(f for f in wanted if f in line.split())
+    return tuple(f for f in wanted if f in reported_flags())
 
 
 class StaticDecoder:

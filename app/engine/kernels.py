@@ -169,16 +169,17 @@ class Packed:
         self.kernel = kernel
         self.out_features, self.in_features = (int(n) for n in weight.shape)
         packed = _pack(kernel, weight, groups)
-        self.tensor = None if kernel in FBGEMM else packed  # tensors a compiled graph can trace
+        # tensors (a weight, or int4-avx2's three operands) a compiled graph can trace
+        self.traceable = None if kernel in FBGEMM else packed
         self.index = -1
-        if self.tensor is None:  # a TorchScript object: reached through the operator when compiled
+        if self.traceable is None:  # a TorchScript object: reached through the operator when compiled
             self.index = next(_NEXT)
             _TABLE[self.index] = packed
             weakref.finalize(self, _TABLE.pop, self.index, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tensor is not None:
-            return _multiply(self.kernel, x, self.tensor)
+        if self.traceable is not None:
+            return _multiply(self.kernel, x, self.traceable)
         if torch.compiler.is_compiling():  # the operator is what the compiled graph can call
             return torch.ops.medask.packed_linear(x, self.kernel, self.index, self.out_features)
         return _multiply(self.kernel, x, _TABLE[self.index])

@@ -34,14 +34,20 @@ def library_path() -> Path:
     return root / digest / f"{NAME}.so"
 
 
-def cpu_lacks() -> list[str]:
-    """The instruction sets the kernels need that this CPU does not report."""
+@functools.cache
+def reported_flags() -> frozenset[str]:
+    """Every instruction set this CPU reports (/proc/cpuinfo; none where it cannot be read). The one reader:
+    ``app.engine.decode.cpu_flags`` picks the ones kernels and benchmarks name from it."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
-        return list(NEEDS)
-    line = next((row for row in text.splitlines() if row.startswith("flags")), "").split()
-    return [f for f in NEEDS if f not in line]
+        return frozenset()
+    return frozenset(next((row for row in text.splitlines() if row.startswith("flags")), "").split())
+
+
+def cpu_lacks() -> list[str]:
+    """The instruction sets the kernels need that this CPU does not report."""
+    return [f for f in NEEDS if f not in reported_flags()]
 
 
 def build(verbose: bool = False) -> Path:
