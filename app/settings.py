@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.clinical.prompting import SPECIALTIES
 
+# the kernels a linear layer of the static step can run through (app.engine.kernels.KERNELS), or auto
+WeightKernel = Literal[
+    "auto", "int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2", "int4x8-avx2", "int8-avx2"
+]
+
 
 class Settings(BaseSettings):
     """Safe defaults for local use; what is unsafe in production is logged loudly at start."""
@@ -71,39 +76,36 @@ class Settings(BaseSettings):
     compile_cache_dir: Path | None = Field(
         None, description="where compiled kernels are kept across restarts (TorchInductor's cache); default: torch's"
     )
-    lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "float16-avx2"] = Field(
+    lm_head_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "float16-avx2", "int8-avx2"] = Field(
         "auto",
         description="the static step's LM head kernel (app.engine.kernels). auto: float32, bfloat16, float16 and "
         "float16-avx2 (MedAsk's C++ kernel, built at install) are timed at start on this CPU and the fastest kept (bfloat16 reads half the bytes but is 5-10x slower "
-        "on CPUs without native bf16); int8 (8-bit activations) only when named; float32 to match /perplexity "
-        "to the last digit",
+        "on CPUs without native bf16); int8 and int8-avx2 (8-bit activations) when named or admitted by int8_auto; "
+        "float32 to match /perplexity to the last digit",
     )
     grounding: Literal["strict", "mark", "off"] = Field(
         "strict",
         description="answers: every sentence shown supported by a cited passage (strict: others withheld; mark: "
         "marked; off: unchecked); a request's `grounding` overrides it",
     )
-    decode_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2"] = (
-        Field(
-            "auto",
-            description="the static step's kernel for decode steps: int4 (GPTQ's kernel), int4-avx2 (the same 4-bit "
-            "weights through MedAsk's C++ kernel, float32 activations) or a copy of its weights read back through it "
-            "(float32, bfloat16, float16: FBGEMM's fp16 GEMM; float16-avx2; int8: FBGEMM's dynamic int8, 8-bit "
-            "activations, only when named or admitted by int8_auto); auto: the others are timed at start on this CPU "
-            "and the fastest kept",
-        )
+    decode_weights: WeightKernel = Field(
+        "auto",
+        description="the static step's kernel for decode steps: int4 (GPTQ's kernel), int4-avx2 (the same 4-bit "
+        "weights through MedAsk's C++ kernel, float32 activations) or a copy of its weights read back through it "
+        "(float32, bfloat16, float16: FBGEMM's fp16 GEMM; float16-avx2; int8: FBGEMM's dynamic int8, 8-bit "
+        "activations; int4x8-avx2: the 4-bit weights times 8-bit activations in MedAsk's C++ kernel, ggml's Q4 x "
+        "Q8 arithmetic; int8-avx2: int8 in MedAsk's C++ kernel; the 8-bit kernels only when named or admitted by "
+        "int8_auto); auto: the others are timed at start on this CPU and the fastest kept",
     )
-    prompt_weights: Literal["auto", "int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2"] = (
-        Field("auto", description="the same choice for prompts (many rows at once)")
-    )
+    prompt_weights: WeightKernel = Field("auto", description="the same choice for prompts (many rows at once)")
     dense_weights_mb: int = Field(
         1024, ge=0, le=1 << 20, description="most memory for dense copies of the 4-bit weights (per copy kind)"
     )
     int8_auto: bool = Field(
         True,
-        description="auto may choose int8 (FBGEMM, 8-bit activations per row) when, at start, it scores the evidence "
-        "pack's first passages within +0.5% of the 4-bit kernel's log-likelihood (/info decode.int8_check); false: "
-        "int8 only when named",
+        description="auto may choose a kernel of 8-bit activations (int8: FBGEMM, per row; int8-avx2 and int4x8-avx2: "
+        "per row and group) when, at start, it scores the evidence pack's first passages within +0.5% of the 4-bit kernel's "
+        "log-likelihood (/info decode.int8_check); false: only when named",
     )
     prefix_cache_mb: int = Field(
         256,
@@ -126,7 +128,13 @@ class Settings(BaseSettings):
 
     batching: bool = Field(True, description="off: one request at a time through the model (baseline)")
     max_batch_size: int = Field(16, ge=1, le=256)
-    batch_wait_ms: float = Field(8.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(
+        8.0,
+        ge=0,
+        le=1000,
+        description="how long the first scoring request of a batch waits for company (generations with continuous "
+        "batching start at once: later ones join the running batch)",
+    )
     queue_size: int = Field(64, ge=1)
     key_queue_share: float = Field(
         0.5, gt=0, le=1, description="most of the queue (waiting and running) one API key may hold"

@@ -72,12 +72,15 @@ def main() -> None:
             engine.use_static_decoder(16, compile=False, int8_probe=probe, **kw)
             d = engine.decoder
             assert d is not None
-            chosen = f"head {d.head.kernel}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, prompt {d.prompt_weights}"
+            chosen = f"head {d.head.kernel} / {d.head.large}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, prompt {d.prompt_weights}"
         else:
             chosen = "the model's forward"
         check = engine.info()["decode"].get("int8_check") if kw else None
         if check:
-            chosen += f" (int8 check {check['change_pct']:+.3f}%: {'admitted' if check['admitted'] else 'refused'})"
+            chosen += "".join(
+                f" ({k} check {v['change_pct']:+.3f}%: {'admitted' if v['admitted'] else 'refused'})"
+                for k, v in check["kernels"].items()
+            )
         r = {"configuration": name, "chosen": chosen, **measure(engine, prompts, long_prompt, args.tokens)}
         rows.append(r)
         print(r, flush=True)

@@ -147,7 +147,7 @@ def main() -> None:
     ]
     prompts = [ids for ids in prompts if len(ids) + args.tokens <= context]
     slots = max(args.concurrency)
-    medask_env = {"MEDASK_MAX_BATCH_SIZE": str(slots), "MEDASK_EVIDENCE": "false", "MEDASK_QUEUE_SIZE": "256"}
+    medask_env = {"MEDASK_MAX_BATCH_SIZE": str(slots), "MEDASK_QUEUE_SIZE": "256"}
     if not PROMPT_CACHE["on"]:
         medask_env["MEDASK_PREFIX_CACHE_MB"] = "0"
     factories = {

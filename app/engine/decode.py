@@ -121,7 +121,7 @@ class StaticDecoder:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         head = model.lm_head.weight
-        self.head_timing: dict[str, float] = {}
+        self.head_timing: dict[str, dict[str, float]] = {}
         if lm_head != "auto" and (
             lm_head not in kernels.KERNELS or lm_head in kernels.FOUR_BIT or kernels.available(lm_head)
         ):
@@ -162,18 +162,19 @@ class StaticDecoder:
         self.values = [torch.zeros(shape, device=device) for _ in self.layers]
         # int8 changes the arithmetic: a candidate only when it scores this checkpoint's probe text as well
         self.int8_check: dict[str, Any] | None = None
-        if int8_probe and "auto" in (lm_head, decode_weights, prompt_weights) and kernels.available("int8") is None:
-            self.int8_check = self._check_int8(projections, head, int8_probe)
-        candidates = kernels.AUTO_KERNELS + (("int8",) if self.int8_check and self.int8_check["admitted"] else ())
+        eight_bit = [k for k in kernels.EIGHT_BIT if kernels.available(k) is None]
+        if int8_probe and "auto" in (lm_head, decode_weights, prompt_weights) and eight_bit:
+            self.int8_check = self._check_int8(projections, head, int8_probe, eight_bit)
+        candidates = kernels.AUTO_KERNELS + tuple(self.int8_check["admitted"] if self.int8_check else ())
         chosen, self.weight_timing = choose_paths(
             projections, max_rows, dense_bytes, decode_weights, prompt_weights, candidates
         )
         self.decode_small, self.decode_large, self.prompt_weights = chosen["small"], chosen["large"], chosen["prompt"]
         if lm_head == "auto":
-            lm_head, self.head_timing = choose_head(
+            small, large, self.head_timing = choose_head(
                 head, max_rows, [k for k in candidates if k not in kernels.FOUR_BIT]
             )
-            self.head = Head(head, lm_head)
+            self.head = Head(head, small, large)
         if decode_weights == "auto":
             self.decode_small = self._retime_small(projections, self.weight_timing.get("small", {}))
         for proj in projections:
@@ -189,15 +190,26 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _check_int8(
-        self, projections: Sequence[Projection], head: torch.Tensor, probe: Sequence[Sequence[int]]
+        self,
+        projections: Sequence[Projection],
+        head: torch.Tensor,
+        probe: Sequence[Sequence[int]],
+        eight_bit: list[str],
     ) -> dict[str, Any]:
         """Negative log-likelihood of ``probe`` (token ids of text beside the checkpoint: the evidence
-        pack's first passages) through the 4-bit kernel and a float32 head, then through int8 everywhere:
-        int8 may be chosen by auto only if it costs at most INT8_MAX_CHANGE_PCT (issue 28's bound on
-        held-out bits/byte; equal bytes, so the NLL ratio is the bits/byte ratio). About a second at start."""
+        pack's first passages) through the 4-bit kernel and a float32 head, then through each kernel of
+        8-bit activations (``eight_bit``): one may be chosen by auto only if it costs at most
+        INT8_MAX_CHANGE_PCT (issue 28's bound on held-out bits/byte; equal bytes, so the NLL ratio is the
+        bits/byte ratio). An 8-bit weight kernel is checked as the LM head too; a 4-bit one with the first
+        8-bit head admitted (the two may be chosen together), else the float32 head. About half a second
+        a kernel."""
         texts = [list(ids)[: self.context] for ids in probe]
-        nll = {}
-        for kernel, head_kernel in (("int4", "float32"), ("int8", "int8")):
+        nll: dict[str, float] = {}
+        checked: dict[str, dict[str, Any]] = {}
+        for kernel in ["int4", *eight_bit]:  # EIGHT_BIT lists the 4-bit kernels last
+            head_kernel = "float32" if kernel == "int4" else kernel
+            if kernel in kernels.FOUR_BIT and kernel != "int4":  # with an 8-bit head admitted before it, if any
+                head_kernel = next((k for k, v in checked.items() if v["admitted"]), "float32")
             self.head = Head(head, head_kernel)
             for proj in projections:
                 proj.use(kernel, kernel, kernel)
@@ -205,11 +217,21 @@ class StaticDecoder:
                 float(chosen_logprobs(self.extend(0, ids, 0, every=True)[:-1], torch.tensor(ids[1:])).sum())
                 for ids in texts
             )
+            if kernel != "int4":
+                change = 100 * (nll[kernel] / nll["int4"] - 1)
+                checked[kernel] = {
+                    "lm_head": head_kernel,
+                    "change_pct": round(change, 4),
+                    "admitted": change <= INT8_MAX_CHANGE_PCT,
+                }
         for proj in projections:
             proj.use("int4", "int4", "int4")
-        change = 100 * (nll["int8"] / nll["int4"] - 1)
         tokens = sum(len(ids) - 1 for ids in texts)
-        return {"probe_tokens": tokens, "change_pct": round(change, 4), "admitted": change <= INT8_MAX_CHANGE_PCT}
+        return {
+            "probe_tokens": tokens,
+            "kernels": checked,
+            "admitted": [k for k, v in checked.items() if v["admitted"]],
+        }
 
     @torch.inference_mode()
     def _retime_small(self, projections: Sequence[Projection], timings: dict[str, float]) -> str:

@@ -17,13 +17,22 @@ and on the layer's shape, so each is timed at start (``app.engine.layers.choose_
   and their group scales as GPTQ stores them, widened in registers and multiplied by float32
   activations; exact arithmetic (no bfloat16 input, unlike ``int4``) and half float16's bytes.
 - ``float16-avx2``: the same for float16 weights (the LM head as the checkpoint stores it).
+- ``int4x8-avx2``: ``int4-avx2``'s weights times activations rounded to 8 bits per row and group of
+  inputs, integer pair products (``maddubs``) summed over a group: the arithmetic of ggml's Q4 x Q8
+  dot, about 1.2-1.5x ``int4-avx2``'s speed at one row here. It changes the arithmetic, so it is
+  checked at start like int8.
+- ``int8-avx2``: int8's weights (one scale per output) times 8-bit activations per row and group, in
+  MedAsk's C++ kernel (ggml's Q8_0 x Q8_0 dot): for the LM head, which the checkpoint keeps in 16 bits,
+  without FBGEMM's Python operator around each call. Checked at start like int8.
 - ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
   channel, activations quantized per row on a fixed grid (``_int8_rows``), integer dot products
-  (VNNI where present): the arithmetic ggml's Q8_0 dot uses. It changes the arithmetic: auto may choose it only when, at
-  start, it scores text beside the checkpoint within +0.5% of the 4-bit kernel (``/info``
-  ``decode.int8_check``); ``benchmarks/kernels.py`` measures its held-out bits/byte.
+  (VNNI where present): the arithmetic ggml's Q8_0 dot uses.
 
-The two native kernels are C++ operators a compiled step calls directly; they exist only where the
+The 8-bit-activation kernels (``EIGHT_BIT``) change the arithmetic: auto may choose one only when, at
+start, it scores text beside the checkpoint within +0.5% of the 4-bit kernel (``/info``
+``decode.int8_check``); ``benchmarks/kernels.py`` measures their held-out bits/byte.
+
+The native kernels are C++ operators a compiled step calls directly; they exist only where the
 library was built and the CPU has AVX2, FMA and F16C (``app.engine.native.load`` says why not).
 FBGEMM's ops are deprecated upstream (torch's quantized tensors) but present in the pinned torch;
 an op that is missing or fails is not a candidate, and forcing it is a start-up error. Their packed
@@ -44,14 +53,16 @@ from typing import Any
 import torch
 
 # every kernel a setting may name, reference first
-KERNELS = ("int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2")
-# what ``auto`` always chooses among: int8 changes the arithmetic, so it joins them only when it passes
-# the check at start (``StaticDecoder._check_int8``) or is named in a setting
+KERNELS = ("int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float16-avx2", "int4x8-avx2", "int8-avx2")
+# what ``auto`` always chooses among: the 8-bit-activation kernels change the arithmetic, so they join
+# them only when they pass the check at start (``StaticDecoder._check_int8``) or are named in a setting
 AUTO_KERNELS = ("int4", "float32", "bfloat16", "float16", "int4-avx2", "float16-avx2")
+# kernels that round activations to 8 bits
+EIGHT_BIT = ("int8", "int8-avx2", "int4x8-avx2")
 # kernels of 4-bit weights only (not for the LM head, which the checkpoint keeps in 16 bits)
-FOUR_BIT = ("int4", "int4-avx2")
+FOUR_BIT = ("int4", "int4-avx2", "int4x8-avx2")
 # kernels of app.engine.native
-NATIVE = ("int4-avx2", "float16-avx2")
+NATIVE = ("int4-avx2", "float16-avx2", "int4x8-avx2", "int8-avx2")
 # FBGEMM's packed weights (TorchScript objects: reached through the medask::packed_linear operator)
 FBGEMM = ("float16", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -84,9 +95,9 @@ class KernelError(ValueError):
 
 
 def _pack(kernel: str, weight: torch.Tensor, groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
-    if kernel == "int4-avx2":
+    if kernel in ("int4-avx2", "int4x8-avx2"):
         if groups is None:
-            raise KernelError("int4-avx2 runs 4-bit layers only (their group scales are needed)")
+            raise KernelError(f"{kernel} runs 4-bit layers only (their group scales are needed)")
         return int4_groups(weight, *groups)
     weight = weight.float().contiguous()
     if kernel == "float16-avx2":
@@ -97,6 +108,11 @@ def _pack(kernel: str, weight: torch.Tensor, groups: tuple[torch.Tensor, torch.T
         return weight.to(torch.bfloat16)
     if kernel == "float16":
         return torch.ops.quantized.linear_prepack_fp16(weight, None)
+    if kernel == "int8-avx2":
+        if weight.shape[1] % 32:
+            raise KernelError(f"int8-avx2: {weight.shape[1]} inputs (a multiple of 32 needed)")
+        scale = (weight.abs().amax(1) / 127).clamp(min=1e-12)
+        return torch.round(weight / scale[:, None]).to(torch.int8).contiguous(), scale.contiguous()
     if kernel == "int8":
         scale = (weight.abs().amax(1) / 127).clamp(min=1e-12).double()
         zero = torch.zeros(weight.shape[0], dtype=torch.long)
@@ -109,8 +125,14 @@ def _multiply(kernel: str, x: torch.Tensor, packed: Any) -> torch.Tensor:
     if kernel == "int4-avx2":
         w, scale, offset = packed
         return torch.ops.medask_native.q4_linear(x, w, scale, offset, x.shape[-1] // scale.shape[1])
+    if kernel == "int4x8-avx2":
+        w, scale, offset = packed
+        return torch.ops.medask_native.q4q8_linear(x, w, scale, offset, x.shape[-1] // scale.shape[1])
     if kernel == "float16-avx2":
         return torch.ops.medask_native.f16_linear(x, packed)
+    if kernel == "int8-avx2":
+        w, scale = packed
+        return torch.ops.medask_native.i8_linear(x, w, scale, eight_bit_group(x.shape[-1]))
     if kernel == "float32":
         return torch.nn.functional.linear(x, packed)
     if kernel == "bfloat16":
@@ -120,6 +142,11 @@ def _multiply(kernel: str, x: torch.Tensor, packed: Any) -> torch.Tensor:
     if kernel == "int8":
         return _int8_rows(x, packed)
     raise KernelError(f"unknown kernel {kernel!r}")
+
+
+def eight_bit_group(in_features: int) -> int:
+    """Inputs per activation scale in ``int8-avx2`` (128 as GPTQ's groups, where they divide the row)."""
+    return 128 if in_features % 128 == 0 else 32
 
 
 def _int8_rows(x: torch.Tensor, packed: Any) -> torch.Tensor:
@@ -190,12 +217,12 @@ class Packed:
 
 
 def nbytes(kernel: str, out_features: int, in_features: int) -> int:
-    """Memory a packed copy takes (0 for the 4-bit kernel's own weights; int4-avx2 counted with groups
-    of 128 inputs)."""
-    if kernel == "int4-avx2":
+    """Memory a packed copy takes (0 for the 4-bit kernel's own weights; the native 4-bit kernels counted
+    with groups of 128 inputs)."""
+    if kernel in ("int4-avx2", "int4x8-avx2"):
         return out_features * in_features // 2 + 8 * out_features * max(1, in_features // 128)
-    per = {"int4": 0, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float16-avx2": 2}[kernel]
-    return out_features * in_features * per + (8 * out_features if kernel == "int8" else 0)
+    per = {"int4": 0, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float16-avx2": 2, "int8-avx2": 1}[kernel]
+    return out_features * in_features * per + (8 * out_features if kernel in ("int8", "int8-avx2") else 0)
 
 
 @functools.cache
@@ -216,7 +243,13 @@ def available(kernel: str) -> str | None:
         out = Packed(kernel, weight, (scale, zero))(x)
         if out.shape != (2, 8):
             return f"{kernel} gave shape {tuple(out.shape)}"
-        if kernel in NATIVE and not torch.allclose(out, x @ weight.t(), rtol=1e-3, atol=1e-3):
+        error = (out - x @ weight.t()).abs()
+        allowed: Any = 0
+        if kernel in EIGHT_BIT:  # each input (one group of 128 here) and 8-bit weight off by half a step
+            allowed = x.abs().amax(-1, keepdim=True) / 254 * weight.abs().sum(1)
+            if kernel not in FOUR_BIT:
+                allowed = allowed + x.abs().sum(-1, keepdim=True) * weight.abs().amax(1) / 254
+        if kernel in NATIVE and not bool((error <= allowed + 1e-3).all()):
             return f"{kernel} gave wrong products on this CPU"
     except Exception as exc:  # an op missing from this build, an engine without it
         return f"{kernel}: {type(exc).__name__}: {exc}"[:300]

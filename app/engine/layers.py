@@ -46,7 +46,7 @@ class Projection:
         """Keep the weights packed for ``kernel`` (nothing for the 4-bit kernel or a layer that is not
         a 4-bit kernel layer). A KernelError: this layer's weights cannot take that kernel."""
         if self.fused and kernel != "int4" and kernel not in self.packed:
-            groups = self.groups() if kernel == "int4-avx2" else None
+            groups = self.groups() if kernel in ("int4-avx2", "int4x8-avx2") else None
             self.packed[kernel] = kernels.Packed(kernel, self.weight(), groups)
 
     def use(self, small: str, large: str, prompt: str) -> None:
@@ -120,7 +120,7 @@ def choose_paths(
         for kernel in list(timed):
             try:
                 probe.prepare(kernel)
-            except kernels.KernelError:  # not for these weights (int4-avx2 on weights off GPTQ's grid)
+            except kernels.KernelError:  # not for these weights (a native 4-bit kernel on weights off GPTQ's grid)
                 timed.remove(kernel)
         for kind, n in kinds.items():
             x = torch.randn(n, probe.in_features)
@@ -141,26 +141,31 @@ def _int4_cpu_ready(module: torch.nn.Module) -> bool:
 
 
 class Head:
-    """The LM head's weights in one kernel. It is most of the bytes a step reads (70% for the
+    """The LM head's weights in one kernel for decode steps of up to SMALL_ROWS rows (``kernel``) and,
+    where another wins there, one for more rows (``large``): one row is bound by reading the weights,
+    many by arithmetic, as for the projections. It is most of the bytes a step reads (70% for the
     default model). float32 and bfloat16 keep it transposed (hidden, vocab): a matrix-vector product
     reads it about twice as fast as the (vocab, hidden) nn.Linear keeps (0.47 vs 0.95 ms, AVX-512)."""
 
-    def __init__(self, weight: torch.Tensor, kernel: str) -> None:
-        self.kernel = kernel
+    def __init__(self, weight: torch.Tensor, kernel: str, large: str | None = None) -> None:
+        self.kernel, self.large = kernel, large or kernel
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
-        self.transposed: torch.Tensor | None = None
-        self.packed: kernels.Packed | None = None
-        if kernel in ("float32", "bfloat16"):
-            self.transposed = weight.t().contiguous().to(kernels.DTYPES[kernel])
-        else:
-            self.packed = kernels.Packed(kernel, weight)
+        self.paths: dict[str, Any] = {k: _head_path(weight, k) for k in dict.fromkeys((self.kernel, self.large))}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.transposed is not None:
-            return (x.to(self.transposed.dtype) @ self.transposed).float()
-        assert self.packed is not None
-        return self.packed(x)
+        # the row count is looked at only when the kernels differ (compiled: a guard, a second graph)
+        kernel = self.kernel if self.kernel == self.large or x.shape[0] <= SMALL_ROWS else self.large
+        path = self.paths[kernel]
+        if isinstance(path, torch.Tensor):
+            return (x.to(path.dtype) @ path).float()
+        return path(x)
+
+
+def _head_path(weight: torch.Tensor, kernel: str) -> Any:
+    if kernel in ("float32", "bfloat16"):
+        return weight.t().contiguous().to(kernels.DTYPES[kernel])
+    return kernels.Packed(kernel, weight)
 
 
 def choose_head(
@@ -168,13 +173,17 @@ def choose_head(
     max_rows: int,
     candidates: Sequence[str] = ("float32", "bfloat16", "float16", "float16-avx2"),
     reps: int = 5,
-) -> tuple[str, dict[str, float]]:
-    """Time the LM head in each candidate kernel on this CPU (one row and a full batch) and pick the
-    fastest: bfloat16 reads half the bytes, but without native bf16 instructions (AVX2-only CPUs) it
-    was measured 5-10x slower, so no kernel is assumed. A few milliseconds at start."""
+) -> tuple[str, str, dict[str, dict[str, float]]]:
+    """Time the LM head in each candidate kernel on this CPU, at one row and at a full batch, and pick
+    the fastest for each (small, large, timings): bfloat16 reads half the bytes, but without native bf16
+    instructions (AVX2-only CPUs) it was measured 5-10x slower, so no kernel is assumed. A few
+    milliseconds at start."""
     heads = {k: Head(weight, k) for k in candidates if k not in kernels.FOUR_BIT and kernels.available(k) is None}
-    xs = [torch.randn(rows, weight.shape[1]) for rows in (1, max_rows)]
+    timing: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        calls = {k: (lambda h=h: [h(x) for x in xs]) for k, h in heads.items()}
-        timing = {k: round(v, 4) for k, v in kernels.time_interleaved(calls, reps).items()}
-    return kernels.fastest(timing, list(timing)), timing
+        for kind, rows in (("small", 1), ("large", max(max_rows, SMALL_ROWS + 1))):
+            x = torch.randn(rows, weight.shape[1])
+            calls = {k: (lambda h=h, x=x: h(x)) for k, h in heads.items()}
+            timing[kind] = {k: round(v, 4) for k, v in kernels.time_interleaved(calls, reps).items()}
+    small, large = (kernels.fastest(timing[kind], list(timing[kind])) for kind in ("small", "large"))
+    return small, large, timing

@@ -244,8 +244,8 @@ class Engine(EngineBase):
             "path": "static" if d is not None else "model",
             "note": self.decode_note,
             "compiled": bool(d and d.compiled),
-            "lm_head": d.head.kernel if d is not None else None,
-            # chosen by timing both on this CPU when MEDASK_LM_HEAD_DTYPE=auto (ms per 1-row + full-batch matmul)
+            "lm_head": {f"1-{SMALL_ROWS} rows": d.head.kernel, "more rows": d.head.large} if d is not None else None,
+            # chosen by timing on this CPU when MEDASK_LM_HEAD_DTYPE=auto (ms per 1-row and full-batch matmul)
             "lm_head_timing_ms": d.head_timing if d is not None else None,
             "cpu_flags": list(cpu_flags()),
             "slots": d.max_rows if d is not None else None,

@@ -10,7 +10,9 @@ Rules:
   client's burst cannot lock every other client out.
 - **Batches of one kind**: generations decode together, scoring requests score
   together, calls run alone. A batch forms when ``max_rows`` works of the oldest
-  work's kind are waiting or the oldest has waited ``wait_s``.
+  work's kind are waiting or the oldest has waited ``wait_s``; with ``join_running``
+  (continuous batching) generations start at once: a later one joins the running
+  batch at its next step, so waiting for company would only delay the first.
 - **Fair order**: among waiting works of one kind, keys take turns (the key with
   the fewest rows running goes first, then the oldest work), FIFO within a key.
 - **Admission by tokens**: a generation holds ``cost`` tokens of the batch
@@ -78,9 +80,11 @@ class Policy:
         key_share: float = 1.0,
         max_batch_tokens: int | None = None,
         max_skip_s: float = 30.0,
+        join_running: bool = False,
     ) -> None:
         self.max_rows = max_rows
         self.wait_s = wait_s
+        self.join_running = join_running
         self.queue_size = queue_size
         self.key_limit = max(1, math.floor(queue_size * key_share))
         self.max_batch_tokens = max_batch_tokens
@@ -127,7 +131,8 @@ class Policy:
             self._remove(head, keep_held=True)  # held until finished(), like every batch
             return [head]
         same = [w for w in self.waiting if w.kind is head.kind]
-        if len(same) < self.max_rows and now - head.enqueued < self.wait_s:
+        alone_waits = not (self.join_running and head.kind is Kind.GENERATE)
+        if alone_waits and len(same) < self.max_rows and now - head.enqueued < self.wait_s:
             return self.wait_s - (now - head.enqueued)
         chosen = self._choose(same, self.max_rows, now) if head.kind is Kind.GENERATE else same[: self.max_rows]
         if not chosen:

@@ -60,6 +60,7 @@ class Scheduler:
             queue_size=queue_size,
             key_share=key_share,
             max_batch_tokens=max_batch_tokens,
+            join_running=self.continuous,
         )
         self._cond = threading.Condition()
         self._stop = threading.Event()

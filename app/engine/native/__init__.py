@@ -7,7 +7,7 @@ so a stale build is never loaded) through a temporary folder renamed into place:
 leaves nothing that looks finished. Nothing is compiled while serving: a service without the library
 (no compiler at install, a CPU without AVX2/FMA/F16C) keeps every other kernel, and ``/info`` and a
 forced setting say why these are missing. Operators: ``torch.ops.medask_native.q4_linear``,
-``f16_linear`` (C++, so a compiled step calls them without a Python body).
+``q4q8_linear``, ``i8_linear``, ``f16_linear`` (C++, so a compiled step calls them without a Python body).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def load() -> str | None:
         return f"{path} failed to load: {exc}"[:300]
     # shapes for torch.compile: the operators are opaque calls with a known output
     torch.library.register_fake(f"{NAME}::q4_linear")(_rows_by_out)
+    torch.library.register_fake(f"{NAME}::q4q8_linear")(_rows_by_out)
+    torch.library.register_fake(f"{NAME}::i8_linear")(_rows_by_out)
     torch.library.register_fake(f"{NAME}::f16_linear")(_rows_by_out)
     return None
 

@@ -10,6 +10,14 @@
 // a row tile reads each weight once and keeps its sums in registers. Many rows are arithmetic-bound,
 // where FBGEMM's packed GEMMs win; the choice is timed at start (app.engine.layers).
 //
+// i8_linear multiplies 8-bit weights (one scale per output, as FBGEMM's int8 packs the LM head) by the
+// same 8-bit activations: ggml's Q8_0 x Q8_0 dot with the sign trick (|w| times x with w's sign).
+//
+// q4q8_linear is the same 4-bit weights times activations rounded to 8 bits, one scale per row and group
+// (ggml's Q4 x Q8 dot, finer than its per-block scale only in where the scale changes): integer pair
+// products (maddubs) summed over a group, then one float multiply-add per group. It changes the
+// arithmetic, so it is chosen only after the start-up check that admits 8-bit activations.
+//
 // 4-bit layout (ggml's Q4_0 block order): inputs in blocks of 32; block b of output o is 16 bytes,
 // byte j holding input 32b+j in its low nibble and input 32b+16+j in its high nibble.
 // w[o, i] = q[o, i] * scale[o, g] + offset[o, g], g = i / group.
@@ -17,6 +25,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
 
 namespace {
 
@@ -68,6 +79,87 @@ void q4_rows(const float* x, int64_t K, const uint8_t* w, const float* scale, co
   }
 }
 
+// Activations on 8 bits: xq[r, i] * xd[r, g] ~ x[r, i] (per row and group, the largest magnitude on 127)
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq, float* xd) {
+  const int64_t G = K / group;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* v = x + r * K + g * group;
+      float amax = 0.f;
+      for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      xd[r * G + g] = d;
+      int8_t* q = xq + r * K + g * group;
+      for (int64_t i = 0; i < group; ++i) q[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+    }
+}
+
+// pair products of 4-bit values (0..15) and 8-bit activations (|xq| <= 127) are at most 3810: eight
+// 32-input blocks sum to at most 30480, inside int16, before they are widened
+constexpr int kBlocksInInt16 = 8;
+
+template <int R>
+void q4q8_rows(const int8_t* xq, const float* xd, int64_t K, const uint8_t* w, const float* scale,
+               const float* offset, const float* xsum, int64_t G, int64_t group, float* y, int64_t N, int64_t o) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  const uint8_t* row = w + o * (K / 2);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t start = g * group; start < (g + 1) * group; start += 32 * kBlocksInInt16) {
+      const int64_t stop = std::min<int64_t>((g + 1) * group, start + 32 * kBlocksInInt16);
+      __m256i part[R];
+      for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_si256();
+      for (int64_t b = start; b < stop; b += 32) {
+        __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b / 2));
+        // inputs b..b+15 (low nibbles), b+16..b+31 (high): the block's 32 weights in input order
+        __m256i ws = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+        for (int r = 0; r < R; ++r)
+          part[r] = _mm256_add_epi16(
+              part[r], _mm256_maddubs_epi16(ws, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b))));
+      }
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[r], ones));
+    }
+    const float s = scale[o * G + g];
+    for (int r = 0; r < R; ++r)
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(s * xd[r * G + g]), total[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float out = hsum(total[r]);
+    for (int64_t g = 0; g < G; ++g) out += offset[o * G + g] * xsum[r * G + g];
+    y[r * N + o] = out;
+  }
+}
+
+// a pair of 8-bit products is at most 2 * 127 * 127 = 32258: each block is widened to int32 at once
+template <int R>
+void i8_rows(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, const float* wscale, int64_t G,
+             int64_t group, float* y, int64_t N, int64_t o) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  const int8_t* row = w + o * K;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b));
+      const __m256i magnitude = _mm256_abs_epi8(wv);  // unsigned, as maddubs needs; the sign moves to x
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b));
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, wv));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(xd[r * G + g]), total[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r * N + o] = hsum(total[r]) * wscale[o];
+}
+
 template <int R>
 void f16_rows(const float* x, int64_t K, const at::Half* w, float* y, int64_t N, int64_t o) {
   constexpr int C = R == 1 ? 4 : 2;
@@ -101,14 +193,42 @@ void over_tiles(int64_t M, int64_t N, F&& body) {
   });
 }
 
+struct Dims {
+  int64_t M, K, N, G;
+};
+
+// x (rows, in) float32, made contiguous; in divided into groups of a multiple of 32 inputs
+Dims rows_and_groups(const at::Tensor& x, const at::Tensor& w, int64_t in, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: (rows, in) float32");
+  TORCH_CHECK(x.size(1) == in && w.is_contiguous(), "w: (out, in), contiguous");
+  TORCH_CHECK(group % 32 == 0 && in % group == 0, "group: a multiple of 32 dividing in");
+  return {x.size(0), in, w.size(0), in / group};
+}
+
+Dims four_bit(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& offset,
+              int64_t group) {
+  TORCH_CHECK(w.scalar_type() == at::kByte, "w: (out, in/2) uint8");
+  const Dims d = rows_and_groups(x, w, w.size(1) * 2, group);
+  TORCH_CHECK(scale.size(0) == d.N && scale.size(1) == d.G && offset.sizes() == scale.sizes(),
+              "scale, offset: (out, groups)");
+  return d;
+}
+
+// 8-bit activations per row and group, for the kernels of integer products
+struct Rounded {
+  at::Tensor q, step;
+};
+
+Rounded rounded(const at::Tensor& x, const Dims& d, int64_t group) {
+  Rounded r{at::empty({d.M, d.K}, x.options().dtype(at::kChar)), at::empty({d.M, d.G}, x.options())};
+  quantize_rows(x.data_ptr<float>(), d.M, d.K, group, r.q.data_ptr<int8_t>(), r.step.data_ptr<float>());
+  return r;
+}
+
 at::Tensor q4_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& offset, int64_t group) {
-  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "x: (rows, in) float32");
   const at::Tensor x = x_.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) * 2 == K && w.is_contiguous(), "w: (out, in/2) uint8");
-  TORCH_CHECK(group % 32 == 0 && K % group == 0, "group: a multiple of 32 dividing in");
-  TORCH_CHECK(scale.size(0) == N && scale.size(1) == G && offset.sizes() == scale.sizes(), "scale, offset: (out, groups)");
+  const auto [M, K, N, G] = four_bit(x, w, scale, offset, group);
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor xsum = x.view({M, G, group}).sum(-1).contiguous();  // (rows, groups): the offsets' share
   const float* xp = x.data_ptr<float>();
@@ -129,12 +249,62 @@ at::Tensor q4_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   return y;
 }
 
-at::Tensor f16_linear(const at::Tensor& x_, const at::Tensor& w) {
-  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "x: (rows, in) float32");
+at::Tensor q4q8_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale,
+                       const at::Tensor& offset, int64_t group) {
   const at::Tensor x = x_.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.scalar_type() == at::kHalf && w.size(1) == K && w.is_contiguous(), "w: (out, in) float16");
-  TORCH_CHECK(K % 32 == 0, "in: a multiple of 32");
+  const Dims d = four_bit(x, w, scale, offset, group);
+  const auto [M, K, N, G] = d;
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor xsum = x.view({M, G, group}).sum(-1).contiguous();  // the offsets' share, from the exact input
+  const Rounded xr8 = rounded(x, d, group);
+  const int8_t* qp = xr8.q.data_ptr<int8_t>();
+  const float *dp = xr8.step.data_ptr<float>(), *sp = xsum.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float *sc = scale.data_ptr<float>(), *of = offset.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_tiles(M, N, [&](int64_t m, int64_t rows, int64_t o) {
+    const int8_t* qr = qp + m * K;
+    const float *dr = dp + m * G, *sr = sp + m * G;
+    float* yr = yp + m * N;
+    switch (rows) {
+      case 4: q4q8_rows<4>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
+      case 3: q4q8_rows<3>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
+      case 2: q4q8_rows<2>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
+      default: q4q8_rows<1>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o);
+    }
+  });
+  return y;
+}
+
+at::Tensor i8_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale, int64_t group) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(w.scalar_type() == at::kChar, "w: (out, in) int8");
+  const Dims d = rows_and_groups(x, w, w.size(1), group);
+  const auto [M, K, N, G] = d;
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == at::kFloat, "scale: (out,) float32");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Rounded xr8 = rounded(x, d, group);
+  const int8_t *qp = xr8.q.data_ptr<int8_t>(), *wp = w.data_ptr<int8_t>();
+  const float *dp = xr8.step.data_ptr<float>(), *sc = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  over_tiles(M, N, [&](int64_t m, int64_t rows, int64_t o) {
+    const int8_t* qr = qp + m * K;
+    const float* dr = dp + m * G;
+    float* yr = yp + m * N;
+    switch (rows) {
+      case 4: i8_rows<4>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
+      case 3: i8_rows<3>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
+      case 2: i8_rows<2>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
+      default: i8_rows<1>(qr, dr, K, wp, sc, G, group, yr, N, o);
+    }
+  });
+  return y;
+}
+
+at::Tensor f16_linear(const at::Tensor& x_, const at::Tensor& w) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(w.scalar_type() == at::kHalf, "w: (out, in) float16");
+  const auto [M, K, N, G] = rows_and_groups(x, w, w.size(1), 32);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const at::Half* wp = w.data_ptr<at::Half>();
@@ -156,10 +326,14 @@ at::Tensor f16_linear(const at::Tensor& x_, const at::Tensor& w) {
 
 TORCH_LIBRARY(medask_native, m) {
   m.def("q4_linear(Tensor x, Tensor w, Tensor scale, Tensor offset, int group) -> Tensor");
+  m.def("q4q8_linear(Tensor x, Tensor w, Tensor scale, Tensor offset, int group) -> Tensor");
+  m.def("i8_linear(Tensor x, Tensor w, Tensor scale, int group) -> Tensor");
   m.def("f16_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(medask_native, CPU, m) {
   m.impl("q4_linear", &q4_linear);
+  m.impl("q4q8_linear", &q4q8_linear);
+  m.impl("i8_linear", &i8_linear);
   m.impl("f16_linear", &f16_linear);
 }

@@ -15,10 +15,27 @@ from app.engine.layers import choose_head
 
 def test_the_head_kernel_is_the_fastest_one_measured_here() -> None:
     head = torch.randn(64, 512)
-    chosen, timing = choose_head(head, max_rows=4, reps=2)
+    small, large, timing = choose_head(head, max_rows=8, reps=2)
     runs_here = {k for k in ("float32", "bfloat16", "float16", "float16-avx2") if kernels.available(k) is None}
-    assert set(timing) == runs_here and all(v > 0 for v in timing.values())
-    assert chosen == min(timing, key=timing.__getitem__)
+    for kind, chosen in (("small", small), ("large", large)):
+        assert set(timing[kind]) == runs_here and all(v > 0 for v in timing[kind].values())
+        assert chosen == min(timing[kind], key=timing[kind].__getitem__)
+
+
+def test_a_head_of_two_kernels_gives_each_its_rows() -> None:
+    """One row through one kernel, more than SMALL_ROWS through the other: each row's logits are those
+    of its own kernel (float32 exact, bfloat16 rounded), in a compiled graph too."""
+    from app.engine.layers import SMALL_ROWS, Head
+
+    weight = torch.randn(40, 64)
+    head, exact = Head(weight, "float32", "bfloat16"), Head(weight, "float32")
+    few, many = torch.randn(SMALL_ROWS, 64), torch.randn(SMALL_ROWS + 1, 64)
+    compiled = torch.compile(head.__call__, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        for run in (head, compiled):
+            assert torch.equal(run(few), exact(few))
+            assert not torch.equal(run(many), exact(many))
+            assert torch.allclose(run(many), exact(many), rtol=2e-2, atol=2e-1)
 
 
 def test_cpu_flags_are_a_list_of_known_names() -> None:

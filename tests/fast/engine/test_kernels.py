@@ -57,8 +57,18 @@ def test_fbgemm_kernels_run_inside_a_compiled_graph() -> None:
 def test_the_fastest_candidate_wins_and_ties_go_to_the_reference() -> None:
     assert kernels.fastest({"int4": 2.0, "float16": 1.0, "float32": 3.0}, kernels.AUTO_KERNELS) == "float16"
     assert kernels.fastest({"int4": 1.0, "float16": 1.0}, kernels.AUTO_KERNELS) == "int4"
-    # int8 changes the arithmetic: never an automatic choice
-    assert "int8" not in kernels.AUTO_KERNELS and "int8" in kernels.KERNELS
+    # 8-bit activations change the arithmetic: never an automatic choice without the start-up check
+    assert not set(kernels.EIGHT_BIT) & set(kernels.AUTO_KERNELS) and set(kernels.EIGHT_BIT) <= set(kernels.KERNELS)
+    # the check runs the 4-bit ones last, with an 8-bit head admitted before them
+    assert [k for k in kernels.EIGHT_BIT if k in kernels.FOUR_BIT] == list(kernels.EIGHT_BIT[-1:])
+
+
+def test_every_kernel_can_be_named_in_the_settings() -> None:
+    from typing import get_args
+
+    from app.settings import WeightKernel
+
+    assert set(get_args(WeightKernel)) == {"auto", *kernels.KERNELS}
 
 
 def test_an_int8_row_does_not_depend_on_its_batch_mates() -> None:

@@ -1,7 +1,8 @@
 """MedAsk's C++ kernels (app/engine/native, built by `make install`) without a model: the 4-bit kernel
-computes GPTQ's dequantized weights times float32 activations for every row tiling, the float16 one
-the float16 weights' product; both run inside a compiled graph; weights off the 4-bit grid and a CPU
-without the instruction sets are refused with a reason."""
+computes GPTQ's dequantized weights times float32 activations for every row tiling, the 4-bit x 8-bit
+one the same weights times activations rounded to 8 bits per row and group (exactly that arithmetic,
+whatever rows beside it), the 8-bit one int8 weights times the same activations, the float16 one the float16 weights' product; all run inside a compiled
+graph; weights off the 4-bit grid and a CPU without the instruction sets are refused with a reason."""
 
 from __future__ import annotations
 
@@ -38,6 +39,47 @@ def test_the_4bit_kernel_computes_the_dequantized_product(rows: int) -> None:
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+def eight_bit_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` rounded as the 4-bit x 8-bit kernel rounds it: per row and group, the largest magnitude on 127."""
+    g = x.double().view(x.shape[0], -1, group)
+    step = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / step) * step).view_as(x)
+
+
+@pytest.mark.parametrize(("rows", "group"), [(1, 128), (2, 128), (4, 64), (5, 128), (16, 512)])
+def test_the_4bit_8bit_kernel_computes_its_rounded_product(rows: int, group: int) -> None:
+    """Activations on 8 bits per row and group (the weights' groups; ggml rounds per 32), integer products,
+    the groups' offsets times the exact input sums: equal to that arithmetic done in float64, within
+    half a rounding step of the exact product, and a row's result does not depend on its batch-mates."""
+    weight, scale, zero = four_bit(96, 512, group)
+    x = torch.randn(rows, 512)
+    packed = kernels.Packed("int4x8-avx2", weight, (scale, zero))
+    got = packed(x).double()
+    offset = (zero - 8 * scale).double()  # w = q * scale + offset: only q * scale meets the rounded input
+    steps = (weight.double().view(96, -1, group) - offset[..., None]).view(96, 512)
+    sums = x.double().view(rows, -1, group).sum(-1)
+    want = eight_bit_rows(x, group) @ steps.t() + sums @ offset.t()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    step = x.abs().view(rows, -1, group).amax(-1).double() / 254  # half a step, per row and group
+    bound = (step[:, :, None] * weight.abs().double().view(96, -1, group).sum(-1).t()[None]).sum(1)
+    assert bool(((got - x.double() @ weight.double().t()).abs() <= bound + 1e-6).all())
+    assert torch.equal(packed(x[-1:]), packed(x)[-1:])
+
+
+@pytest.mark.parametrize(("rows", "inputs"), [(1, 256), (3, 256), (6, 96)])
+def test_the_8bit_kernel_computes_its_rounded_product(rows: int, inputs: int) -> None:
+    """int8 weights (one scale per output) times 8-bit activations per row and group (128 inputs, or 32
+    where 128 does not divide the row): that arithmetic done in float64, whatever rows beside it."""
+    weight, x = torch.randn(40, inputs), torch.randn(rows, inputs)
+    packed = kernels.Packed("int8-avx2", weight)
+    w8, scale = packed.traceable
+    assert w8.dtype == torch.int8 and int(w8.abs().max()) == 127
+    want = eight_bit_rows(x, kernels.eight_bit_group(inputs)) @ (w8.double() * scale.double()[:, None]).t()
+    got = packed(x).double()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed(x[:1]), packed(x)[:1])
+
+
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_the_float16_kernel_computes_the_float16_weights_product(rows: int) -> None:
     weight, x = torch.randn(80, 64), torch.randn(rows, 64)
@@ -57,12 +99,19 @@ def test_weights_off_the_4bit_grid_are_refused() -> None:
 def test_native_kernels_run_inside_a_compiled_graph() -> None:
     weight, scale, zero = four_bit(64, 128)
     packed = kernels.Packed("int4-avx2", weight, (scale, zero))
+    rounded = kernels.Packed("int4x8-avx2", weight, (scale, zero))
     head = kernels.Packed("float16-avx2", torch.randn(32, 64))
-    compiled = torch.compile(lambda x: head(torch.relu(packed(x))), fullgraph=True, dynamic=True)
+    head8 = kernels.Packed("int8-avx2", torch.randn(32, 64))
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(packed(x)) + rounded(x)
+        return head(hidden) + head8(hidden)
+
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
     for rows in (1, 3):
         x = torch.randn(rows, 128)
         with torch.inference_mode():
-            assert torch.allclose(compiled(x), head(torch.relu(packed(x))), atol=1e-5)
+            assert torch.allclose(compiled(x), net(x), atol=1e-5)
 
 
 def test_a_cpu_without_avx2_never_loads_them(monkeypatch: pytest.MonkeyPatch) -> None:
