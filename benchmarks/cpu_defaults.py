@@ -95,8 +95,8 @@ def main() -> None:
     row("last release's choice here", lm_head="float32", decode_weights="int4", prompt_weights="float32")
     row("defaults before issue 28", lm_head="bfloat16", decode_weights="int4", prompt_weights="bfloat16")
     for kernel in KERNELS:  # one kernel everywhere (the head has no 4-bit form: float32 beside int4, MedAsk's
-        # float16 kernel beside MedAsk's 4-bit one)
-        head = {"int4": "float32", "int4-avx2": "float16-avx2"}.get(kernel, kernel)
+        # float16 kernel beside MedAsk's exact 4-bit one, its 8-bit kernel beside its 4-bit x 8-bit one)
+        head = {"int4": "float32", "int4-avx2": "float16-avx2", "int4x8-avx2": "int8-avx2"}.get(kernel, kernel)
         row(f"{kernel} everywhere", lm_head=head, decode_weights=kernel, prompt_weights=kernel)
     row("head float16, decode int4, prompt float16", lm_head="float16", decode_weights="int4", prompt_weights="float16")
     row("head int8, decode int8, prompt float16", lm_head="int8", decode_weights="int8", prompt_weights="float16")

@@ -1,9 +1,9 @@
 """What each kernel of the static step costs in modelling quality: held-out bits/byte computed through
 the step's own arithmetic, against the GPTQ checkpoint as the model's forward computes it.
 
-    python benchmarks/kernels.py [--model model_artifacts/default] [--rows 141]
+    python benchmarks/kernels.py [--model model_artifacts/default] [--rows 141] [--kernels int8 int4x8-avx2 ...]
 
-A kernel that changes the arithmetic (int8: 8-bit activations) may serve only if held-out bits/byte
+A kernel that changes the arithmetic (8-bit activations: int8, int8-avx2, int4x8-avx2) may serve only if held-out bits/byte
 stays within +0.5% of the GPTQ checkpoint's; float16 rounds the 4-bit weights times their scales to
 fp16; bfloat16 rounds weights and activations. Every configuration scores the gold answers of the
 held-out split given their served prompts (the evaluation's number), each prompt and answer run
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from app.clinical.scoring import combine  # noqa: E402
 from app.engine.decode import INT8_MAX_CHANGE_PCT, StaticDecoder, cpu_flags  # noqa: E402
-from app.engine.kernels import KERNELS  # noqa: E402
+from app.engine.kernels import FOUR_BIT, KERNELS  # noqa: E402
 from app.engine.local import Engine  # noqa: E402
 from benchmarks.common import report, step_rate  # noqa: E402
 from training.data import heldout_rows  # noqa: E402
@@ -57,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
     p.add_argument("--rows", type=int, default=141)
+    p.add_argument("--kernels", nargs="*", default=list(KERNELS), help="kernels to score (default: all)")
     args = p.parse_args()
     engine = Engine.load(Path(args.model))
     rows = heldout_rows()[: args.rows]
@@ -70,8 +71,12 @@ def main() -> None:
             "step_tok_s_16_rows": None,
         }
     ]
-    for kernel in KERNELS:
-        head = "float32" if kernel == "int4" else kernel
+    # each kernel with itself as the LM head where it can be one (4-bit kernels: float32), and the 4-bit x
+    # 8-bit kernel with the 8-bit head it is admitted with
+    configurations = [(k, k if k not in FOUR_BIT else "float32") for k in args.kernels]
+    if {"int4x8-avx2", "int8-avx2"} <= set(args.kernels):
+        configurations.append(("int4x8-avx2", "int8-avx2"))
+    for kernel, head in configurations:
         decoder = StaticDecoder(engine.model, 16, lm_head=head, decode_weights=kernel, prompt_weights=kernel)
         with torch.inference_mode():
             bpb = combine(score_answers(StepAsModel(decoder), engine.tokenizer, rows, batch_size=4)).bits_per_byte

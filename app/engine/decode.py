@@ -20,9 +20,9 @@ casts its input to bfloat16 and back and reorders it with an index that is the i
 A prompt is run row by row straight into its slot (no padding to the longest prompt).
 
 **Every dtype and kernel is chosen on the machine it runs on**, never assumed: which kernel serves
-a decode step and a prompt (GPTQ's 4-bit kernel, or a copy of its weights read back through it:
-float32, bfloat16, FBGEMM's float16 or int8, see ``app.engine.kernels``; copies within
-``dense_bytes``) and the LM head's are timed at start on this CPU (``choose_paths``,
+a decode step and a prompt (GPTQ's 4-bit kernel, MedAsk's C++ kernels over its 4-bit weights, or a
+copy of its weights read back through it: float32, bfloat16, float16, int8, see ``app.engine.kernels``;
+copies within ``dense_bytes``) and the LM head's (one for 1-4 rows, one for more) are timed at start on this CPU (``choose_paths``,
 ``choose_head``: milliseconds) and the fastest kept. bfloat16 reads half the bytes of float32 but
 is several times slower on CPUs without native bf16 (AVX2-only); settings force any kernel.
 Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
@@ -48,11 +48,13 @@ from app.engine.prefix import PrefixCache
 LENGTH_STEP = 64
 
 
-# decode kernels within this factor of the best on one projection are timed again over a whole one-row step
+# decode kernels within this factor of the best on one projection (at most STEP_RETIME_MOST of them, the
+# fastest there) are timed again over a whole one-row step
 STEP_RETIME_WITHIN = 3.0
+STEP_RETIME_MOST = 3
 STEP_RETIME_ROUNDS = 4
 
-# int8 (8-bit activations) may be chosen automatically only within this change of bits/byte (issue 28)
+# kernels of 8-bit activations may be chosen automatically only within this change of bits/byte (issue 28)
 INT8_MAX_CHANGE_PCT = 0.5
 
 # a static cache larger than this is not allocated: the model's forward grows its cache as rows need it
@@ -160,7 +162,7 @@ class StaticDecoder:
         shape = (max_rows, self.kv_heads, self.context, self.head_dim)
         self.keys = [torch.zeros(shape, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, device=device) for _ in self.layers]
-        # int8 changes the arithmetic: a candidate only when it scores this checkpoint's probe text as well
+        # 8-bit activations change the arithmetic: a candidate only when it scores this checkpoint's probe text as well
         self.int8_check: dict[str, Any] | None = None
         eight_bit = [k for k in kernels.EIGHT_BIT if kernels.available(k) is None]
         if int8_probe and "auto" in (lm_head, decode_weights, prompt_weights) and eight_bit:
@@ -236,14 +238,16 @@ class StaticDecoder:
     @torch.inference_mode()
     def _retime_small(self, projections: Sequence[Projection], timings: dict[str, float]) -> str:
         """The one-row decode kernel, timed over a whole step: among the kernels whose time on the largest
-        projection alone is within STEP_RETIME_WITHIN of the best, the fastest one-row step (eager, every
+        projection alone is within STEP_RETIME_WITHIN of the best (the STEP_RETIME_MOST fastest there: each
+        costs a second of start-up), the fastest one-row step (eager, every
         layer and the LM head). One projection alone misses what every layer's weights together cost in
         the CPU's caches: on the AVX2 machine it ranked float16 (twice int4-avx2's bytes) first, where a
         whole step ran 25% faster through int4-avx2. Times kept in ``weight_timing["small_step"]``."""
         if not timings:
             return self.decode_small
         best = min(timings.values())
-        contenders = [k for k, t in timings.items() if t <= STEP_RETIME_WITHIN * best]
+        near = sorted((t, k) for k, t in timings.items() if t <= STEP_RETIME_WITHIN * best)
+        contenders = [k for _, k in near[:STEP_RETIME_MOST]]
         if len(contenders) < 2:
             return self.decode_small
         for proj in projections:  # each within the dense budget; the ones not chosen are freed by use()
