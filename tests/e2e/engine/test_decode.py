@@ -273,6 +273,7 @@ def test_int8_is_an_automatic_choice_only_when_it_passes_the_check_at_start(
             assert (kernel in d.weight_timing[kind]) is (bound > 0)
     assert check["kernels"]["int8"]["lm_head"] == "int8"
     # a 4-bit kernel is checked with the first 8-bit head admitted before it, the one it may be chosen with
-    assert check["kernels"]["int4x8-avx2"]["lm_head"] == ("int8" if bound > 0 else "float32")
+    if "int4x8-avx2" in check["kernels"]:  # (where the native kernels run: AVX2, FMA, F16C)
+        assert check["kernels"]["int4x8-avx2"]["lm_head"] == ("int8" if bound > 0 else "float32")
     assert ("int8" in d.head_timing["small"]) is (bound > 0)
     assert "int4x8-avx2" not in d.head_timing["large"]  # a 4-bit kernel: never the LM head
