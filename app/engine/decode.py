@@ -22,8 +22,8 @@ A prompt is run row by row straight into its slot (no padding to the longest pro
 **Every dtype and kernel is chosen on the machine it runs on**, never assumed: which kernel serves
 a decode step and a prompt (GPTQ's 4-bit kernel, MedAsk's C++ kernels over its 4-bit weights, or a
 copy of its weights read back through it: float32, bfloat16, float16, int8, see ``app.engine.kernels``;
-copies within ``dense_bytes``) and the LM head's (one for 1-4 rows, one for more) are timed at start on this CPU (``choose_paths``,
-``choose_head``: milliseconds) and the fastest kept. bfloat16 reads half the bytes of float32 but
+copies within ``dense_bytes``) and the LM head's (one for 1-4 rows, one for more) are timed at start
+on this CPU (``choose_paths``, ``choose_head``: milliseconds) and the fastest kept. bfloat16 reads half the bytes of float32 but
 is several times slower on CPUs without native bf16 (AVX2-only); settings force any kernel.
 Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
 ``desc_act``) run as themselves inside the step. Checkpoints it does not cover (other

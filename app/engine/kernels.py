@@ -59,8 +59,10 @@ KERNELS = ("int4", "float32", "bfloat16", "float16", "int8", "int4-avx2", "float
 AUTO_KERNELS = ("int4", "float32", "bfloat16", "float16", "int4-avx2", "float16-avx2")
 # kernels that round activations to 8 bits
 EIGHT_BIT = ("int8", "int8-avx2", "int4x8-avx2")
+# MedAsk's kernels of GPTQ's 4-bit values and group scales (``int4_groups``)
+GROUPED = ("int4-avx2", "int4x8-avx2")
 # kernels of 4-bit weights only (not for the LM head, which the checkpoint keeps in 16 bits)
-FOUR_BIT = ("int4", "int4-avx2", "int4x8-avx2")
+FOUR_BIT = ("int4", *GROUPED)
 # kernels of app.engine.native
 NATIVE = ("int4-avx2", "float16-avx2", "int4x8-avx2", "int8-avx2")
 # FBGEMM's packed weights (TorchScript objects: reached through the medask::packed_linear operator)
@@ -95,7 +97,7 @@ class KernelError(ValueError):
 
 
 def _pack(kernel: str, weight: torch.Tensor, groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
-    if kernel in ("int4-avx2", "int4x8-avx2"):
+    if kernel in GROUPED:
         if groups is None:
             raise KernelError(f"{kernel} runs 4-bit layers only (their group scales are needed)")
         return int4_groups(weight, *groups)
@@ -219,10 +221,11 @@ class Packed:
 def nbytes(kernel: str, out_features: int, in_features: int) -> int:
     """Memory a packed copy takes (0 for the 4-bit kernel's own weights; the native 4-bit kernels counted
     with groups of 128 inputs)."""
-    if kernel in ("int4-avx2", "int4x8-avx2"):
+    if kernel in GROUPED:
         return out_features * in_features // 2 + 8 * out_features * max(1, in_features // 128)
     per = {"int4": 0, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float16-avx2": 2, "int8-avx2": 1}[kernel]
-    return out_features * in_features * per + (8 * out_features if kernel in ("int8", "int8-avx2") else 0)
+    scales = {"int8": 8, "int8-avx2": 4}.get(kernel, 0)  # bytes of each output's scale
+    return out_features * in_features * per + scales * out_features
 
 
 @functools.cache

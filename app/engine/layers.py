@@ -46,7 +46,7 @@ class Projection:
         """Keep the weights packed for ``kernel`` (nothing for the 4-bit kernel or a layer that is not
         a 4-bit kernel layer). A KernelError: this layer's weights cannot take that kernel."""
         if self.fused and kernel != "int4" and kernel not in self.packed:
-            groups = self.groups() if kernel in ("int4-avx2", "int4x8-avx2") else None
+            groups = self.groups() if kernel in kernels.GROUPED else None
             self.packed[kernel] = kernels.Packed(kernel, self.weight(), groups)
 
     def use(self, small: str, large: str, prompt: str) -> None:

@@ -1,6 +1,6 @@
 // MedAsk's CPU kernels for the static decode step: a matrix product of float32 activations with
 // weights kept in 4 bits (q4_linear: GPTQ's own values, one scale and offset per group of inputs) or
-// in float16 (f16_linear: the LM head as the checkpoint stores it). Activations stay float32: the
+// in float16 (f16_linear: the LM head as the checkpoint stores it). In these two activations stay float32: the
 // weights are widened in registers (AVX2, FMA, F16C), so the 4-bit kernel computes the checkpoint's
 // dequantized weights exactly, with none of the int4 reference kernel's bfloat16 rounding of its input.
 //
@@ -14,8 +14,8 @@
 // same 8-bit activations: ggml's Q8_0 x Q8_0 dot with the sign trick (|w| times x with w's sign).
 //
 // q4q8_linear is the same 4-bit weights times activations rounded to 8 bits, one scale per row and group
-// (ggml's Q4 x Q8 dot, finer than its per-block scale only in where the scale changes): integer pair
-// products (maddubs) summed over a group, then one float multiply-add per group. It changes the
+// (ggml's Q4 x Q8 dot, with one activation scale per group of weights, 128 inputs here, where ggml keeps
+// one per 32): integer pair products (maddubs) summed over a group, then one float multiply-add per group. It changes the
 // arithmetic, so it is chosen only after the start-up check that admits 8-bit activations.
 //
 // 4-bit layout (ggml's Q4_0 block order): inputs in blocks of 32; block b of output o is 16 bytes,
