@@ -135,6 +135,14 @@ class Settings(BaseSettings):
         description="how long the first scoring request of a batch waits for company (generations with continuous "
         "batching start at once: later ones join the running batch)",
     )
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="a stream's text leaves in one event at most this often (the first piece at once, what the "
+        "model writes meanwhile joins the next event; vLLM's stream_interval): each event costs the event loop "
+        "and the client a wake-up; 0: an event per piece as the model writes it",
+    )
     queue_size: int = Field(64, ge=1)
     key_queue_share: float = Field(
         0.5, gt=0, le=1, description="most of the queue (waiting and running) one API key may hold"

@@ -2,7 +2,7 @@
 
     bash benchmarks/build_llama_cpp.sh            # once: llama-server, llama-quantize (about 10 min)
     python benchmarks/llama_cpp_peer.py [--model model_artifacts/default] [--tokens 64]
-        [--concurrency 1 4 16] [--requests 8 16 32] [--rounds 3]
+        [--concurrency 1 4 16] [--requests 8 16 32] [--rounds 3] [--medask eager compiled compiled-per-token]
 
 The checkpoint is exported to GGUF (`python -m training export`, dequantized f32) and quantized to
 Q4_0 with llama-quantize. Every server gets the same prompts as token ids (MedAsk's role prompt
@@ -10,7 +10,9 @@ for held-out MedText questions, rendered by MedAsk's tokenizer) through /v1/comp
 greedy, `ignore_eos` so every request generates exactly --tokens tokens, `cache_prompt: false` and
 `repeat_penalty: 1` for llama-server. Servers run one at a time (they would share two cores),
 interleaved, --rounds times; the table gives medians with min-max. A greedy request at c=1 checks
-that MedAsk and llama-server f32 produce the same tokens.
+that MedAsk and llama-server f32 produce the same tokens. MedAsk streams as shipped: at most one event
+per MEDASK_STREAM_INTERVAL_MS (20 ms; the first token at once); ``compiled-per-token`` sends an event
+per token, as llama-server does (tokens/s are counted from ``usage`` either way).
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ def greedy_text(t: Target, prompt: list[int], tokens: int) -> str:
 
 PROMPT_CACHE = {"on": False}  # set from --prompt-cache
 
+# MedAsk's configurations: the shipped defaults streaming at most an event per MEDASK_STREAM_INTERVAL_MS
+# (20 ms), and "per-token": an event per token, as llama-server streams
+MODES = {
+    "eager": {"MEDASK_COMPILE": "false"},
+    "compiled": {"MEDASK_COMPILE": "true"},
+    "compiled-per-token": {"MEDASK_COMPILE": "true", "MEDASK_STREAM_INTERVAL_MS": "0"},
+}
+
 
 def peer_settings(t: Target, body: dict) -> dict:
     """llama-server's defaults that would make it do other work than MedAsk: no repeat penalty; its prompt
@@ -124,7 +134,13 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--medask", nargs="*", default=["eager", "compiled"], help="MedAsk configurations to run")
+    p.add_argument(
+        "--medask",
+        nargs="*",
+        default=["eager", "compiled"],
+        choices=list(MODES),
+        help="MedAsk configurations to run (per-token: an SSE event per token, as llama-server sends)",
+    )
     p.add_argument(
         "--prompt-cache",
         choices=["off", "on"],
@@ -156,7 +172,7 @@ def main() -> None:
                 args.model,
                 True,
                 work / f"medask-{mode}.log",
-                {**medask_env, "MEDASK_COMPILE": str(mode == "compiled").lower()},
+                {**medask_env, **MODES[mode]},
             )
         )
         for mode in args.medask
