@@ -6,7 +6,7 @@ Runs on the question *before* generation, in four steps, each its own module und
    folded (lower case, no accents) with texting forms expanded per language.
 2. **Findings** (``findings``): vital signs, labs, age, pregnancy weeks and durations with their units,
    turned into named danger-zone findings by the rule file's thresholds (NEWS2, ESI, NICE, ADA...).
-3. **Concepts**: phrase patterns per language on spaCy tokens (blank pipelines, no download), long
+3. **Concepts** (``matchers``): phrase patterns per language on spaCy tokens (blank pipelines, no download), long
    words matched with a bounded edit distance (misspellings); negated, historical and hypothetical
    mentions set aside with NegEx/ConText (negspacy, one component per context kind and language).
    Presentations fire on combinations of concepts and findings: general discriminators (airway,
@@ -29,6 +29,7 @@ from typing import Any
 from app.clinical.triage import language as lang_detect
 from app.clinical.triage.classifier import TriageClassifier, read_examples
 from app.clinical.triage.findings import Findings, extract
+from app.clinical.triage.matchers import Matchers
 from app.clinical.triage.rules import ContextTerms, Language, RuleFile, SafetyRulesError, read
 from app.clinical.triage.text import Speller, canonical, expand, fold
 
@@ -100,38 +101,6 @@ class Assessment:
         return max((f.level for f in flags), key=SEVERITY.__getitem__, default="routine")
 
 
-class _Matchers:
-    """spaCy's token Matcher for the phrases that need it (gaps, regular expressions, alternatives,
-    prefixes) and its PhraseMatcher for the plain word sequences (most of the rule file): the same
-    matches, found by a hash lookup per token instead of every pattern's first token being tested at
-    every token (triage took about 20 ms a question with every phrase in the token Matcher)."""
-
-    def __init__(self, vocab: Any) -> None:
-        from spacy.matcher import Matcher, PhraseMatcher
-
-        self.vocab = vocab
-        self.tokens = Matcher(vocab)
-        self.phrases = PhraseMatcher(vocab, attr="LOWER")
-
-    def add(self, label: str, patterns: list[list[dict[str, Any]]]) -> None:
-        from spacy.tokens import Doc
-
-        plain: list[list[dict[str, Any]]] = []
-        other: list[list[dict[str, Any]]] = []
-        for p in patterns:  # a plain phrase: every token one exact lower-case word
-            (plain if all(set(t) == {"LOWER"} and isinstance(t["LOWER"], str) for t in p) else other).append(p)
-        if plain:
-            self.phrases.add(label, [Doc(self.vocab, words=[t["LOWER"] for t in p]) for p in plain])
-        if other:
-            self.tokens.add(label, other)
-
-    def __call__(self, doc: Any) -> list[tuple[str, int, int]]:
-        """(label, start, end) of every match, each once, in the order of the text."""
-        strings = self.vocab.strings
-        found = {(strings[m], s, e) for m, s, e in [*self.tokens(doc), *self.phrases(doc)]}
-        return sorted(found, key=lambda m: (m[1], m[2], m[0]))
-
-
 class _Pipeline:
     """One language's tokenizer, phrase matcher and NegEx/ConText components."""
 
@@ -155,10 +124,10 @@ class _Pipeline:
             )
         self.nlp = nlp
         self.vocabulary: set[str] = set()
-        self.matcher = _Matchers(nlp.vocab)
+        self.matcher = Matchers(nlp.vocab)
         for name, phrases in spec.concepts.items():
             self.matcher.add(name, [self._pattern(f"languages.{code}.concepts.{name}", p) for p in phrases])
-        self.scope = _Matchers(nlp.vocab)
+        self.scope = Matchers(nlp.vocab)
         self.scope.add(
             "off_topic", [self._pattern(f"languages.{code}.scope.off_topic", p) for p in spec.scope.off_topic]
         )

@@ -50,7 +50,14 @@ class TriageClassifier:
         self.model = make_pipeline(features, LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced"))
         self.model.fit(folded_texts, labels)
         self.classes = [str(c) for c in self.model.classes_]
+        # one question at a time: the union's parts and the regression called directly compute the same
+        # numbers as the pipeline's predict_proba without its per-call dispatch (a quarter of the time)
+        self._parts = [vectorizer for _, vectorizer in features.transformer_list]
+        self._regression = self.model.steps[-1][1]
 
     def probabilities(self, folded: str) -> dict[str, float]:
-        probs = self.model.predict_proba([folded])[0]
+        from scipy.sparse import hstack
+
+        x = hstack([part.transform([folded]) for part in self._parts]).tocsr()
+        probs = self._regression.predict_proba(x)[0]
         return {label: float(p) for label, p in zip(self.classes, probs, strict=True)}

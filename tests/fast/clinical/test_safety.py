@@ -150,12 +150,63 @@ def test_plain_phrases_and_token_patterns_match_alike() -> None:
     each (label, start, end) once, in the order of the text, whichever matcher found it."""
     import spacy
 
-    from app.clinical.safety import _Matchers
+    from app.clinical.triage.matchers import Matchers
 
     nlp = spacy.blank("en")
-    m = _Matchers(nlp.vocab)
+    m = Matchers(nlp.vocab)
     m.add("chest_pain", [[{"LOWER": "chest"}, {"LOWER": "pain"}], [{"LOWER": "chest"}, {"LOWER": {"REGEX": "^pai"}}]])
     m.add("pain", [[{"LOWER": "pain"}]])
     doc = nlp.make_doc("Chest pain, then more chest pain")
     assert m(doc) == [("chest_pain", 0, 2), ("pain", 1, 2), ("chest_pain", 5, 7), ("pain", 6, 7)]
-    assert "chest_pain" in m.phrases and len(m.tokens) == 1  # the plain phrase is not in the token Matcher
+    # the plain phrase is not in a token Matcher; the other is anchored on the first of its words it needs
+    assert "chest_pain" in m.phrases and list(m.anchored) == [("word", "chest")] and len(m.unanchored) == 0
+
+
+def test_a_pattern_is_anchored_on_a_word_its_alternatives_or_a_prefix_it_needs() -> None:
+    import re
+
+    from app.clinical.triage.matchers import anchors
+
+    gap = {"TEXT": {"NOT_IN": [".", "!", "?", ";"]}, "OP": "{0,4}"}
+    assert anchors([gap, {"LOWER": {"IN": ["a", "b"]}}, {"LOWER": "c"}]) == {("word", "c")}  # the fewest
+    assert anchors([{"LOWER": {"IN": ["a", "b"]}}, gap]) == {("word", "a"), ("word", "b")}
+    assert anchors([{"LOWER": {"REGEX": "^" + re.escape("o'x-ray")}}]) == {("prefix", "o'x-ray")}
+    # a regular expression of the rule file's own (/.../) or an optional token anchors nothing
+    assert anchors([{"LOWER": {"REGEX": "^(?:3[89]|4[0-2])$"}}, {"LOWER": "c", "OP": "?"}]) is None
+
+
+def test_anchored_matchers_find_what_one_matcher_of_every_pattern_finds(layer: SafetyLayer) -> None:
+    """The rule file's own patterns, each language, concepts and scope: a question runs only the patterns
+    whose anchor it meets, and finds exactly what a single spaCy Matcher holding all of them finds."""
+    from spacy.matcher import Matcher
+
+    from app.clinical.triage.text import canonical, fold
+
+    texts = [c["text"] for c in CASES] + [
+        json.loads(line)["text"] for line in (TEST_DATA / "triage" / "holdout.jsonl").open()
+    ]
+    for pipe in layer.pipelines.values():
+        strings = pipe.nlp.vocab.strings
+        for matchers in (pipe.matcher, pipe.scope):
+            whole = Matcher(pipe.nlp.vocab)
+            for part in [*matchers.anchored.values(), matchers.unanchored]:
+                for key, patterns in part._patterns.items():
+                    whole.add(strings[key], patterns)
+            assert len(matchers.anchored) > 10  # the rule file's patterns are anchored, not all in one Matcher
+            for text in texts:
+                doc = pipe.nlp.make_doc(fold(canonical(text)))
+                every = {(strings[m], s, e) for m, s, e in [*whole(doc), *matchers.phrases(doc)]}
+                assert matchers(doc) == sorted(every, key=lambda m: (m[1], m[2], m[0])), text
+
+
+def test_the_classifier_called_through_its_parts_gives_the_pipelines_probabilities(layer: SafetyLayer) -> None:
+    """Triage calls the vectorizers and the regression directly (no pipeline dispatch per question): the
+    probabilities must be exactly the pipeline's own."""
+    from app.clinical.triage.text import canonical, fold
+
+    classifier = layer.classifier
+    assert classifier is not None
+    for case in CASES:
+        folded = fold(canonical(case["text"]))
+        expected = classifier.model.predict_proba([folded])[0]
+        assert classifier.probabilities(folded) == dict(zip(classifier.classes, map(float, expected), strict=True))
