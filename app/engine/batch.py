@@ -188,8 +188,8 @@ class StaticDecodeBatch:
             if f.done < len(f.ids):
                 continue
             self.filling.pop(0)
+            token = self.sampler.step([f.row], logits)[0]  # the first token leaves before the prompt is kept
             self.decoder.remember(f.slot, f.ids)
-            token = self.sampler.step([f.row], logits)[0]
             if f.row.finish is not None:
                 self.ended.append(f.row)
                 continue
