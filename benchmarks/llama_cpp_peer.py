@@ -122,11 +122,24 @@ def gguf_files(model: str, work: Path) -> tuple[Path, Path]:
     return f32, q4
 
 
-def main() -> None:
+def peer_prompts(model: str, tokens: int) -> tuple[int, list[list[int]]]:
+    """The model's context and the peer runs' prompts: held-out MedText questions in the General Practitioner
+    role as MedAsk renders them, token ids, those leaving room for ``tokens``."""
     from app.clinical.prompting import render_prompt
     from app.engine.base import open_checkpoint
-    from benchmarks.common import report
     from training.data import heldout_rows
+
+    _, front, _, config = open_checkpoint(Path(model))
+    context = int(config["max_position_embeddings"])
+    prompts = [
+        front(render_prompt(front, r.prompt, "General Practitioner"), add_special_tokens=False)["input_ids"]
+        for r in heldout_rows()[:32]
+    ]
+    return context, [ids for ids in prompts if len(ids) + tokens <= context]
+
+
+def main() -> None:
+    from benchmarks.common import report
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
@@ -155,13 +168,7 @@ def main() -> None:
     work = ROOT / "runs" / "bench"
     f32, q4 = gguf_files(args.model, work)
 
-    _, front, _, config = open_checkpoint(Path(args.model))
-    context = int(config["max_position_embeddings"])
-    prompts = [
-        front(render_prompt(front, r.prompt, "General Practitioner"), add_special_tokens=False)["input_ids"]
-        for r in heldout_rows()[:32]
-    ]
-    prompts = [ids for ids in prompts if len(ids) + args.tokens <= context]
+    context, prompts = peer_prompts(args.model, args.tokens)
     slots = max(args.concurrency)
     medask_env = {"MEDASK_MAX_BATCH_SIZE": str(slots), "MEDASK_QUEUE_SIZE": "256"}
     if not PROMPT_CACHE["on"]:

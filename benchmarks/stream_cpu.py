@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
-from benchmarks.llama_cpp_peer import LLAMA, gguf_files, one, start_llama  # noqa: E402
+from benchmarks.llama_cpp_peer import LLAMA, gguf_files, one, peer_prompts, start_llama  # noqa: E402
 from benchmarks.serve_load import drive, start_medask, stop  # noqa: E402
 
 
@@ -43,10 +43,6 @@ def thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
 
 
 def main() -> None:
-    from app.clinical.prompting import render_prompt
-    from app.engine.base import open_checkpoint
-    from training.data import heldout_rows
-
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
     p.add_argument("--tokens", type=int, default=64)
@@ -59,18 +55,13 @@ def main() -> None:
         sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
     work = ROOT / "runs" / "bench"
     _, q4 = gguf_files(args.model, work)
-    _, front, _, config = open_checkpoint(Path(args.model))
-    prompts = [
-        front(render_prompt(front, r.prompt, "General Practitioner"), add_special_tokens=False)["input_ids"]
-        for r in heldout_rows()[:32]
-    ]
-    prompts = [ids for ids in prompts if len(ids) + args.tokens <= int(config["max_position_embeddings"])]
+    context, prompts = peer_prompts(args.model, args.tokens)
     base_env = {"MEDASK_MAX_BATCH_SIZE": "16", "MEDASK_PREFIX_CACHE_MB": "0"}
     rows = []
     for rnd in range(args.rounds):
         for spec in [*args.medask, "llama-server Q4_0"]:
             if spec == "llama-server Q4_0":
-                t = start_llama(q4, spec, 16, 1024, work / "stream-cpu-llama.log")
+                t = start_llama(q4, spec, 16, context, work / "stream-cpu-llama.log")
                 name = spec
             else:
                 env = dict(kv.split("=", 1) for kv in spec.split(",") if kv)

@@ -45,9 +45,8 @@ class Whole:
 
         self.vocab, self.phrases = vocab, matchers.phrases  # type: ignore[attr-defined]
         self.tokens = Matcher(vocab)
-        for part in [*matchers.anchored.values(), matchers.unanchored]:  # type: ignore[attr-defined]
-            for key, patterns in part._patterns.items():
-                self.tokens.add(vocab.strings[key], patterns)  # type: ignore[attr-defined]
+        for label, patterns in matchers.token_patterns().items():  # type: ignore[attr-defined]
+            self.tokens.add(label, patterns)
 
     def __call__(self, doc: object) -> list[tuple[str, int, int]]:
         strings = self.vocab.strings  # type: ignore[attr-defined]

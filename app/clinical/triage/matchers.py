@@ -52,6 +52,16 @@ class Matchers:
         if plain:
             self.phrases.add(label, [Doc(self.vocab, words=[t["LOWER"] for t in p]) for p in plain])
 
+    def token_patterns(self) -> dict[str, list[list[dict[str, Any]]]]:
+        """Every token pattern by label, each once, whatever group holds it (to check the grouping against one
+        Matcher of them all: tests, benchmarks/triage_matchers.py)."""
+        out: dict[str, list[list[dict[str, Any]]]] = {}
+        for part in [*self.anchored.values(), self.unanchored]:
+            for key, patterns in part._patterns.items():  # spaCy keeps no public list of a Matcher's patterns
+                kept = out.setdefault(self.vocab.strings[key], [])
+                kept += [p for p in patterns if p not in kept]
+        return out
+
     def __call__(self, doc: Any) -> list[tuple[str, int, int]]:
         """(label, start, end) of every match, each once, in the order of the text."""
         strings = self.vocab.strings

@@ -189,9 +189,8 @@ def test_anchored_matchers_find_what_one_matcher_of_every_pattern_finds(layer: S
         strings = pipe.nlp.vocab.strings
         for matchers in (pipe.matcher, pipe.scope):
             whole = Matcher(pipe.nlp.vocab)
-            for part in [*matchers.anchored.values(), matchers.unanchored]:
-                for key, patterns in part._patterns.items():
-                    whole.add(strings[key], patterns)
+            for label, patterns in matchers.token_patterns().items():
+                whole.add(label, patterns)
             assert len(matchers.anchored) > 10  # the rule file's patterns are anchored, not all in one Matcher
             for text in texts:
                 doc = pipe.nlp.make_doc(fold(canonical(text)))
