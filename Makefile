@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
-NATIVE := $(VENV)/.native-$(shell cat app/engine/native/kernels.cpp | sha1sum | cut -c1-12)
+NATIVE := $(VENV)/.native-$(shell cat app/engine/native/*.cpp | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # MedAsk's C++ kernels (app/engine/native): g++ and ninja, about 15 s; without them the service keeps
 # its other kernels, and the native kernels' tests fail until this succeeds
-$(NATIVE): $(STAMP) app/engine/native/kernels.cpp
+$(NATIVE): $(STAMP) $(wildcard app/engine/native/*.cpp)
 	($(PY) -m app.engine.native build && rm -f $(VENV)/.native-* && touch $@) \
 	  || echo "warning: could not build app/engine/native (needs g++); its kernels are unavailable"
 

@@ -158,10 +158,11 @@ class Serving:
                     prefix_bytes=s.prefix_cache_mb << 20,
                     prefill_chunk=s.prefill_chunk_tokens or None,
                     int8_probe=self._int8_probe(),
+                    kv_cache=s.kv_cache_dtype,
                 )
             except ValueError as exc:  # a forced kernel that cannot run here: a clear start-up error
                 raise CheckpointError(
-                    f"MEDASK_LM_HEAD_DTYPE / MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS: {exc}"
+                    f"MEDASK_LM_HEAD_DTYPE / MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS / MEDASK_KV_CACHE_DTYPE: {exc}"
                 ) from exc
             log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
         if s.warmup:

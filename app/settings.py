@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         "per row and group) when, at start, it scores the evidence pack's first passages within +0.5% of the 4-bit kernel's "
         "log-likelihood (/info decode.int8_check); false: only when named",
     )
+    kv_cache_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto",
+        description="the static step's KV cache: float32 (torch's attention) or float16 (half the bytes a decode step "
+        "reads, through MedAsk's C++ attention, built at install); auto: float16 when, at start, it scores the "
+        "evidence pack's first passages within +0.5% (as int8_auto) and its attention is timed faster here",
+    )
     prefix_cache_mb: int = Field(
         256,
         ge=0,

@@ -25,7 +25,8 @@ copy of its weights read back through it: float32, bfloat16, float16, int8, see 
 copies within ``dense_bytes``) and the LM head's (one for 1-4 rows, one for more) are timed at start
 on this CPU (``choose_paths``, ``choose_head``: milliseconds) and the fastest kept. bfloat16 reads half the bytes of float32 but
 is several times slower on CPUs without native bf16 (AVX2-only); settings force any kernel.
-Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
+The KV cache is float32 (torch's attention) or float16 (MedAsk's C++ decode attention: half the
+bytes a step reads), chosen the same way (``app.engine.kv``). Layers that are not GPTQ's CPU kernel with an identity input order (an unquantized checkpoint,
 ``desc_act``) run as themselves inside the step. Checkpoints it does not cover (other
 architectures, biases, sliding windows, unusual RoPE) keep the model's forward: ``supports`` says why.
 """
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from app.clinical.scoring import chosen_logprobs
-from app.engine import kernels
+from app.engine import kernels, kv
 from app.engine.layers import SMALL_ROWS, Head, Projection, choose_head, choose_paths
 from app.engine.prefix import PrefixCache
 
@@ -54,7 +55,8 @@ STEP_RETIME_WITHIN = 3.0
 STEP_RETIME_MOST = 3
 STEP_RETIME_ROUNDS = 4
 
-# kernels of 8-bit activations may be chosen automatically only within this change of bits/byte (issue 28)
+# kernels of 8-bit activations (and a float16 KV cache) may be chosen automatically only within this change
+# of bits/byte (issue 28)
 INT8_MAX_CHANGE_PCT = 0.5
 
 # a static cache larger than this is not allocated: the model's forward grows its cache as rows need it
@@ -107,6 +109,7 @@ class StaticDecoder:
         prompt_weights: str = "bfloat16",
         prefix_bytes: int = 0,
         int8_probe: Sequence[Sequence[int]] = (),
+        kv_cache: str = "float32",
     ) -> None:
         config = model.config
         inner = model.model
@@ -159,9 +162,8 @@ class StaticDecoder:
         probe = torch.zeros(1, device=device, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].float(), sin[0].float()  # (context, head_dim)
-        shape = (max_rows, self.kv_heads, self.context, self.head_dim)
-        self.keys = [torch.zeros(shape, device=device) for _ in self.layers]
-        self.values = [torch.zeros(shape, device=device) for _ in self.layers]
+        half_why = kv.refuse(kv_cache, self.head_dim)  # a KernelError for a cache that cannot run here
+        self._allocate(1, "float32")  # one slot for the checks and timings at start; all of them at the end
         # 8-bit activations change the arithmetic: a candidate only when it scores this checkpoint's probe text as well
         self.int8_check: dict[str, Any] | None = None
         eight_bit = [k for k in kernels.EIGHT_BIT if kernels.available(k) is None]
@@ -181,6 +183,12 @@ class StaticDecoder:
             self.decode_small = self._retime_small(projections, self.weight_timing.get("small", {}))
         for proj in projections:
             proj.use(self.decode_small, self.decode_large, self.prompt_weights)
+        self.kv_check: dict[str, Any] | None = None
+        self.kv_timing: dict[str, dict[str, float]] = {}
+        self.kv_note = half_why or ""
+        if kv_cache == "auto":
+            kv_cache = self._choose_kv(int8_probe, half_why)
+        self._allocate(max_rows, kv_cache)
         self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
         # kept prompt prefixes (0 bytes: none kept)
         self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
@@ -189,6 +197,37 @@ class StaticDecoder:
         if compile:
             self._step = torch.compile(self.step, dynamic=True, fullgraph=True)
             self.compiled = True
+
+    def _allocate(self, rows: int, dtype: str) -> None:
+        self.kv_cache, self.kv_half = dtype, dtype == "float16"
+        shape = (rows, self.kv_heads, self.context, self.head_dim)
+        self.keys: list[torch.Tensor] = []  # the old cache is freed before the new one is made
+        self.keys, self.values = (
+            [torch.zeros(shape, dtype=kv.DTYPES[dtype], device=self.device) for _ in self.layers] for _ in "kv"
+        )
+
+    @torch.inference_mode()
+    def _choose_kv(self, probe: Sequence[Sequence[int]], half_why: str | None) -> str:
+        """float16 when it can run here, scores the probe text within INT8_MAX_CHANGE_PCT (no probe: not
+        admitted, as for 8-bit activations) and its attention is timed faster than float32's."""
+        if half_why or not probe:
+            self.kv_note = half_why or "not checked (no probe text): float32"
+            return "float32"
+        texts = [list(ids)[: self.context] for ids in probe]
+        self.kv_check = kv.check(lambda dtype: self._allocate(1, dtype) or self._nll(texts), INT8_MAX_CHANGE_PCT)
+        if not self.kv_check["admitted"]:
+            return "float32"
+        self.kv_timing = kv.time_caches(
+            len(self.layers), self.max_rows, self.heads, self.kv_heads, self.head_dim, list(kv.KV_CACHES)
+        )
+        return kv.fastest(self.kv_timing, self.max_rows)
+
+    def _nll(self, texts: Sequence[Sequence[int]]) -> float:
+        """Negative log-likelihood of the token ids ``texts`` through the prompt path (slot 0)."""
+        return -sum(
+            float(chosen_logprobs(self.extend(0, ids, 0, every=True)[:-1], torch.tensor(ids[1:])).sum())
+            for ids in texts
+        )
 
     @torch.inference_mode()
     def _check_int8(
@@ -215,10 +254,7 @@ class StaticDecoder:
             self.head = Head(head, head_kernel)
             for proj in projections:
                 proj.use(kernel, kernel, kernel)
-            nll[kernel] = -sum(
-                float(chosen_logprobs(self.extend(0, ids, 0, every=True)[:-1], torch.tensor(ids[1:])).sum())
-                for ids in texts
-            )
+            nll[kernel] = self._nll(texts)
             if kernel != "int4":
                 change = 100 * (nll[kernel] / nll["int4"] - 1)
                 checked[kernel] = {
@@ -324,12 +360,15 @@ class StaticDecoder:
         for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
             q, k, v = qkv.wide(_rms_norm(x, ln1, self.eps))
             q = _rope(q.view(n, self.heads, self.head_dim), cos, sin).transpose(0, 1)
-            self.keys[i][slot, :, start:end] = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
-            self.values[i][slot, :, start:end] = v.view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+            k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            self.keys[i][slot, :, start:end] = k.to(self.keys[i].dtype)
+            self.values[i][slot, :, start:end] = (
+                v.view(n, self.kv_heads, self.head_dim).transpose(0, 1).to(self.keys[i].dtype)
+            )
             out = torch.nn.functional.scaled_dot_product_attention(
                 q[None],
-                self.keys[i][slot : slot + 1, :, :end],
-                self.values[i][slot : slot + 1, :, :end],
+                self.keys[i][slot : slot + 1, :, :end].float(),  # a float16 cache read back (what decode reads)
+                self.values[i][slot : slot + 1, :, :end].float(),
                 attn_mask=mask,
                 is_causal=mask is None,
                 enable_gqa=self.gqa,
@@ -370,20 +409,17 @@ class StaticDecoder:
         rows = torch.arange(n, device=tok.device)
         x = self.embed[tok].float()
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # (n, 1, d)
-        visible = (torch.arange(attended, device=tok.device)[None, :] <= pos[:, None])[:, None, None, :]
         for i, (ln1, qkv, o_proj, ln2, gate_up, down) in enumerate(self.layers):
             q, k, v = qkv(_rms_norm(x, ln1, self.eps))
             q = _rope(q.view(n, self.heads, self.head_dim), cos, sin)
             k = _rope(k.view(n, self.kv_heads, self.head_dim), cos, sin)
-            self.keys[i][rows, :, pos] = k
-            self.values[i][rows, :, pos] = v.view(n, self.kv_heads, self.head_dim)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, None, :],
-                self.keys[i][:n, :, :attended],
-                self.values[i][:n, :, :attended],
-                attn_mask=visible,
-                enable_gqa=self.gqa,
-            )
+            keys, values = self.keys[i], self.values[i]
+            keys[rows, :, pos] = k.to(keys.dtype)
+            values[rows, :, pos] = v.view(n, self.kv_heads, self.head_dim).to(keys.dtype)
+            if self.kv_half:  # a plain bool, fixed at start (a constant to the compiler)
+                out = kv.attend_half(q, keys, values, pos)
+            else:
+                out = kv.attend_float(q, keys[:n, :, :attended], values[:n, :, :attended], pos, self.gqa)
             x = x + o_proj(out.reshape(n, self.heads * self.head_dim))[0]
             g, u = gate_up(_rms_norm(x, ln2, self.eps))
             x = x + down(torch.nn.functional.silu(g) * u)[0]

@@ -101,6 +101,7 @@ class Engine(EngineBase):
         prefix_bytes: int = 0,
         prefill_chunk: int | None = None,
         int8_probe: Sequence[str] = (),
+        kv_cache: str = "float32",
     ) -> float:
         """Decode with app.engine.decode's static KV cache and fused step (compiled if asked), when this
         model allows it; returns the seconds spent setting up (and compiling)."""
@@ -125,6 +126,7 @@ class Engine(EngineBase):
             prompt_weights=prompt_weights,
             prefix_bytes=prefix_bytes,
             int8_probe=[self.encode(text) for text in int8_probe],
+            kv_cache=kv_cache,
         )
         self.prefill_chunk = prefill_chunk
         self.decode_note = "static KV cache, fused step" + (" (torch.compile)" if compile else " (eager)")
@@ -249,7 +251,12 @@ class Engine(EngineBase):
             "lm_head_timing_ms": d.head_timing if d is not None else None,
             "cpu_flags": list(cpu_flags()),
             "slots": d.max_rows if d is not None else None,
-            "kv_cache_mb": round(cache_bytes(self.model.config, d.max_rows) / 2**20, 1) if d is not None else None,
+            "kv_cache_mb": round(sum(t.nbytes for t in d.keys + d.values) / 2**20, 1) if d is not None else None,
+            # float32 (torch's attention) or float16 (MedAsk's decode attention): checked on the probe text like
+            # int8 and timed on this CPU at start unless forced (app.engine.kv)
+            "kv_cache": {"dtype": d.kv_cache, "check": d.kv_check, "timing_ms": d.kv_timing, "note": d.kv_note}
+            if d is not None
+            else None,
             # which weights serve a decode step and a prompt (int4: GPTQ's kernel; bfloat16/float32: a dense
             # copy read back through it), timed on this CPU at start unless forced; their bytes
             "decode_weights": {f"1-{SMALL_ROWS} rows": d.decode_small, "more rows": d.decode_large}

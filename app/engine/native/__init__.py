@@ -1,4 +1,5 @@
-"""MedAsk's own CPU kernels (``kernels.cpp``): built once at install, loaded when the step starts.
+"""MedAsk's own CPU kernels (``kernels.cpp``: matrix products; ``attention.cpp``: decode attention over a
+float16 KV cache): built once at install, loaded when the step starts.
 
     python -m app.engine.native build      # `make install` runs it (g++ and ninja; about 15 s)
 
@@ -7,7 +8,8 @@ so a stale build is never loaded) through a temporary folder renamed into place:
 leaves nothing that looks finished. Nothing is compiled while serving: a service without the library
 (no compiler at install, a CPU without AVX2/FMA/F16C) keeps every other kernel, and ``/info`` and a
 forced setting say why these are missing. Operators: ``torch.ops.medask_native.q4_linear``,
-``q4q8_linear``, ``i8_linear``, ``f16_linear`` (C++, so a compiled step calls them without a Python body).
+``q4q8_linear``, ``i8_linear``, ``f16_linear``, ``decode_attention`` (C++, so a compiled step calls them
+without a Python body).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = (Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("attention.cpp"))
 NAME = "medask_native"
 # the instruction sets the kernels are compiled for (-mavx2 -mfma -mf16c): every AVX2 CPU since 2013
 NEEDS = ("avx2", "fma", "f16c")
@@ -29,7 +31,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
     root = Path(os.environ.get("MEDASK_NATIVE_DIR") or Path(sys.prefix) / "medask-native")
     return root / digest / f"{NAME}.so"
 
@@ -66,7 +68,7 @@ def build(verbose: bool = False) -> Path:
     try:
         cpp_extension.load(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(work),
@@ -99,8 +101,13 @@ def load() -> str | None:
     torch.library.register_fake(f"{NAME}::q4q8_linear")(_rows_by_out)
     torch.library.register_fake(f"{NAME}::i8_linear")(_rows_by_out)
     torch.library.register_fake(f"{NAME}::f16_linear")(_rows_by_out)
+    torch.library.register_fake(f"{NAME}::decode_attention")(_like_query)
     return None
 
 
 def _rows_by_out(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _like_query(q: torch.Tensor, *rest: object) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

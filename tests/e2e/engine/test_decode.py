@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import kernels
+from app.engine import kernels, kv
 from app.engine.base import GenerationJob, GenerationResult, SamplingParams
 from app.engine.batch import StaticDecodeBatch
 from app.engine.kernels import AUTO_KERNELS
@@ -98,6 +98,31 @@ def test_every_kernel_gives_the_models_answers(
             for k in (d.decode_small, d.decode_large, d.prompt_weights, d.head.kernel, d.head.large)
         )
         assert g.logprobs == pytest.approx(w.logprobs, abs=tol)
+
+
+def test_a_float16_kv_cache_gives_the_models_answers(ci_checkpoint: Path, reference: Engine) -> None:
+    """Keys and values kept in float16 and read by MedAsk's decode attention (prompts: torch's attention
+    over them read back): the reference's greedy tokens, log-probs within float16's rounding, half the
+    cache's memory."""
+    if why := kv.half_unavailable(64):  # the ci model's head size
+        pytest.skip(f"no float16 cache here: {why}")
+    engine = Engine.load(ci_checkpoint)
+    engine.use_static_decoder(max_rows=4, kv_cache="float16")
+    d = engine.decoder
+    assert d is not None and d.kv_half and d.keys[0].dtype == torch.float16
+    info = engine.info()["decode"]
+    assert info["kv_cache"]["dtype"] == "float16"
+    assert info["kv_cache_mb"] == pytest.approx(kv_cache_mb(ci_checkpoint) / 2, rel=1e-3)
+    got = engine.generate(jobs(engine))
+    for g, w in zip(got, reference.generate(jobs(reference)), strict=True):
+        assert g.token_ids == w.token_ids
+        assert g.logprobs == pytest.approx(w.logprobs, abs=5e-3)
+
+
+def kv_cache_mb(checkpoint: Path, rows: int = 4) -> float:
+    engine = Engine.load(checkpoint)
+    engine.use_static_decoder(max_rows=rows)
+    return float(engine.info()["decode"]["kv_cache_mb"])
 
 
 def test_a_forced_weight_path_that_does_not_fit_is_a_clear_error(ci_checkpoint: Path) -> None:
@@ -207,13 +232,27 @@ def test_a_forced_kernel_that_cannot_run_is_a_clear_error(ci_checkpoint: Path, m
     engine.use_static_decoder(max_rows=2, decode_weights="auto", prompt_weights="auto", lm_head="auto")
     d = engine.decoder
     assert d is not None and "float16" not in d.weight_timing["small"] and "float16" not in d.head_timing["small"]
+    monkeypatch.setattr(kv, "half_unavailable", lambda dim: "this CPU lacks f16c")
+    with pytest.raises(kernels.KernelError, match="KV cache 'float16' cannot run here: this CPU lacks f16c"):
+        engine.use_static_decoder(max_rows=2, kv_cache="float16")
+    engine.use_static_decoder(max_rows=2, kv_cache="auto", int8_probe=QUESTIONS)
+    assert engine.info()["decode"]["kv_cache"] == {
+        "dtype": "float32",
+        "check": None,
+        "timing_ms": {},
+        "note": "this CPU lacks f16c",
+    }
 
 
-def test_chunked_prompts_and_kept_prefixes_keep_the_answers(ci_checkpoint: Path, static: Engine) -> None:
+@pytest.mark.parametrize("cache", kv.KV_CACHES)
+def test_chunked_prompts_and_kept_prefixes_keep_the_answers(ci_checkpoint: Path, static: Engine, cache: str) -> None:
     """Prompts run 5 tokens per step between decode steps, and later prompts start from the keys and
-    values kept for earlier ones (same role: same system prompt): the answers are the unchunked ones."""
+    values kept for earlier ones (same role: same system prompt): the answers are the unchunked ones
+    (with a float16 cache too: kept prefixes, rows moving between slots)."""
+    if cache == "float16" and (why := kv.half_unavailable(64)):
+        pytest.skip(f"no float16 cache here: {why}")
     engine = Engine.load(ci_checkpoint)
-    engine.use_static_decoder(max_rows=4, prefix_bytes=16 << 20, prefill_chunk=5)
+    engine.use_static_decoder(max_rows=4, prefix_bytes=16 << 20, prefill_chunk=5, kv_cache=cache)
     d = engine.decoder
     assert d is not None
     calls: list[str] = []
@@ -259,10 +298,19 @@ def test_int8_is_an_automatic_choice_only_when_it_passes_the_check_at_start(
     engine = Engine.load(ci_checkpoint)
     probe = [q + " Answer with the next steps." for q in QUESTIONS]
     engine.use_static_decoder(
-        max_rows=4, lm_head="auto", decode_weights="auto", prompt_weights="auto", int8_probe=probe
+        max_rows=4, lm_head="auto", decode_weights="auto", prompt_weights="auto", int8_probe=probe, kv_cache="auto"
     )
     d = engine.decoder
     assert d is not None and d.int8_check is not None
+    # a float16 KV cache: the same check, then timed against float32 (where MedAsk's attention runs)
+    cache = engine.info()["decode"]["kv_cache"]
+    if not kv.half_unavailable(d.head_dim):
+        assert cache["check"]["admitted"] is (bound > 0) and abs(cache["check"]["change_pct"]) < 50
+        if bound > 0:
+            assert set(cache["timing_ms"]["small"]) == set(kv.KV_CACHES) == set(cache["timing_ms"]["large"])
+            assert cache["dtype"] == kv.fastest(cache["timing_ms"], 4)
+        else:
+            assert cache["dtype"] == "float32" and cache["timing_ms"] == {}
     check = engine.info()["decode"]["int8_check"]
     assert check["probe_tokens"] >= len(probe) * 10
     assert set(check["kernels"]) == set(kernels.EIGHT_BIT) - {k for k in kernels.EIGHT_BIT if kernels.available(k)}

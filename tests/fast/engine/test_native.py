@@ -130,9 +130,10 @@ def test_a_cpu_without_avx2_never_loads_them(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_changed_source_is_a_new_library(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A stale build is never loaded: the folder is named by the source's hash."""
-    source = tmp_path / "kernels.cpp"
-    source.write_text("// one\n")
-    monkeypatch.setattr(native, "SOURCE", source)
+    sources = (tmp_path / "kernels.cpp", tmp_path / "attention.cpp")
+    for source in sources:
+        source.write_text("// one\n")
+    monkeypatch.setattr(native, "SOURCES", sources)
     first = native.library_path()
-    source.write_text("// two\n")
+    sources[1].write_text("// two\n")  # either source
     assert native.library_path() != first and native.library_path().name == "medask_native.so"
