@@ -93,11 +93,13 @@ def greedy_text(t: Target, prompt: list[int], tokens: int) -> str:
 PROMPT_CACHE = {"on": False}  # set from --prompt-cache
 
 # MedAsk's configurations: the shipped defaults streaming at most an event per MEDASK_STREAM_INTERVAL_MS
-# (20 ms), and "per-token": an event per token, as llama-server streams
+# (20 ms), "per-token": an event per token, as llama-server streams, and "kv-float32": the float32 KV cache
+# through torch's attention (the shipped default before the float16 cache)
 MODES = {
     "eager": {"MEDASK_COMPILE": "false"},
     "compiled": {"MEDASK_COMPILE": "true"},
     "compiled-per-token": {"MEDASK_COMPILE": "true", "MEDASK_STREAM_INTERVAL_MS": "0"},
+    "compiled-kv-float32": {"MEDASK_COMPILE": "true", "MEDASK_KV_CACHE_DTYPE": "float32"},
 }
 
 

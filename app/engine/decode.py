@@ -42,6 +42,7 @@ import torch
 
 from app.clinical.scoring import chosen_logprobs
 from app.engine import kernels, kv
+from app.engine.compiled import compile_step
 from app.engine.layers import SMALL_ROWS, Head, Projection, choose_head, choose_paths
 from app.engine.prefix import PrefixCache
 
@@ -195,7 +196,7 @@ class StaticDecoder:
         self.compiled = False
         self._step: Callable[..., torch.Tensor] = self.step
         if compile:
-            self._step = torch.compile(self.step, dynamic=True, fullgraph=True)
+            self._step = compile_step(self.step)  # guards on its arguments only (app.engine.compiled)
             self.compiled = True
 
     def _allocate(self, rows: int, dtype: str) -> None:

@@ -187,6 +187,30 @@ def test_compiled_step_equals_the_eager_step(ci_checkpoint: Path, monkeypatch: p
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
 
 
+def test_two_compiled_decoders_keep_their_own_graphs(ci_checkpoint: Path) -> None:
+    """A compiled step keeps Dynamo's guards on its arguments only (app.engine.compiled): each decoder
+    compiles its own copy of the step's code, so a second decoder in the process (a float16 cache here,
+    the first's is float32) never runs the first one's graphs. Each gives what its eager step gives."""
+    if why := kv.half_unavailable(64):
+        pytest.skip(f"no float16 cache here: {why}")
+    engines = []
+    for cache in kv.KV_CACHES:
+        engine = Engine.load(ci_checkpoint)
+        engine.use_static_decoder(max_rows=2, compile=True, kv_cache=cache)
+        assert engine.decoder is not None and engine.decoder.compiled
+        engines.append(engine)
+    for engine in engines * 2:  # each again after the other ran
+        got = engine.generate(jobs(engine, (6, 9)))
+        assert engine.decoder is not None
+        compiled_step = engine.decoder._step
+        engine.decoder.use_eager()
+        want = engine.generate(jobs(engine, (6, 9)))
+        engine.decoder._step, engine.decoder.compiled = compiled_step, True
+        for g, w in zip(got, want, strict=True):
+            assert g.token_ids == w.token_ids
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
 def test_info_says_which_path_decodes(static: Engine, reference: Engine) -> None:
     assert static.info()["decode"]["path"] == "static" and static.info()["decode"]["kv_cache_mb"] > 0
     assert reference.info()["decode"]["path"] == "model"

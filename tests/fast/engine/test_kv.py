@@ -77,3 +77,15 @@ def test_float16_is_admitted_only_within_the_bound() -> None:
     nll = {"float32": 1000.0, "float16": 1003.0}
     assert kv.check(nll.__getitem__, 0.5) == {"change_pct": 0.3, "admitted": True}
     assert kv.check(nll.__getitem__, 0.2)["admitted"] is False
+
+
+def test_a_compiled_step_keeps_the_guards_on_its_arguments_only() -> None:
+    """Dynamo's guards on the decoder (its weights, kernels and caches, fixed at start) and on module globals
+    go; those on the arguments, the shapes' relations and global state stay."""
+    from types import SimpleNamespace
+
+    from app.engine.compiled import argument_guards
+
+    names = ["n", "tok", "pos", "attended", "", "self.keys[0]", "type(self.layers[0][1]).__call__", "G['torch']"]
+    kept = argument_guards([SimpleNamespace(name=n) for n in names])
+    assert [n for n, k in zip(names, kept, strict=True) if k] == ["n", "tok", "pos", "attended", ""]
