@@ -2,13 +2,15 @@
 the step's own arithmetic, against the GPTQ checkpoint as the model's forward computes it.
 
     python benchmarks/kernels.py [--model model_artifacts/default] [--rows 141] [--kernels int8 int4x8-avx2 ...]
+        [--kv-caches float32 float16]
 
 A kernel that changes the arithmetic (8-bit activations: int8, int8-avx2, int4x8-avx2) may serve only if held-out bits/byte
 stays within +0.5% of the GPTQ checkpoint's; float16 rounds the 4-bit weights times their scales to
 fp16; bfloat16 rounds weights and activations. Every configuration scores the gold answers of the
 held-out split given their served prompts (the evaluation's number), each prompt and answer run
 through ``StaticDecoder.extend`` (the prompt path's kernel and the LM head's), then times the step
-at 1 and 16 rows. The decode path at 1-4 rows multiplies the same weights the same way.
+at 1 and 16 rows. The decode path at 1-4 rows multiplies the same weights the same way. A float16 KV cache
+rounds every key and value (``extend`` reads them back as decode does), a change of arithmetic too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch  # noqa: E402
 from app.clinical.scoring import combine  # noqa: E402
 from app.engine.decode import INT8_MAX_CHANGE_PCT, StaticDecoder, cpu_flags  # noqa: E402
 from app.engine.kernels import FOUR_BIT, KERNELS  # noqa: E402
+from app.engine.kv import KV_CACHES  # noqa: E402
 from app.engine.local import Engine  # noqa: E402
 from benchmarks.common import report, step_rate  # noqa: E402
 from training.data import heldout_rows  # noqa: E402
@@ -58,6 +61,7 @@ def main() -> None:
     p.add_argument("--model", default="model_artifacts/default")
     p.add_argument("--rows", type=int, default=141)
     p.add_argument("--kernels", nargs="*", default=list(KERNELS), help="kernels to score (default: all)")
+    p.add_argument("--kv-caches", nargs="*", default=["float32"], choices=KV_CACHES, help="KV cache dtypes to score")
     args = p.parse_args()
     engine = Engine.load(Path(args.model))
     rows = heldout_rows()[: args.rows]
@@ -76,13 +80,15 @@ def main() -> None:
     configurations = [(k, k if k not in FOUR_BIT else "float32") for k in args.kernels]
     if {"int4x8-avx2", "int8-avx2"} <= set(args.kernels):
         configurations.append(("int4x8-avx2", "int8-avx2"))
-    for kernel, head in configurations:
-        decoder = StaticDecoder(engine.model, 16, lm_head=head, decode_weights=kernel, prompt_weights=kernel)
+    for (kernel, head), cache in ((c, kv) for c in configurations for kv in args.kv_caches):
+        decoder = StaticDecoder(
+            engine.model, 16, lm_head=head, decode_weights=kernel, prompt_weights=kernel, kv_cache=cache
+        )
         with torch.inference_mode():
             bpb = combine(score_answers(StepAsModel(decoder), engine.tokenizer, rows, batch_size=4)).bits_per_byte
         out.append(
             {
-                "kernel": f"{kernel} (head {head})",
+                "kernel": f"{kernel} (head {head}, KV cache {cache})",
                 "bits_per_byte": bpb,
                 "step_tok_s_1_row": round(step_rate(decoder, 1, 48), 1),
                 "step_tok_s_16_rows": round(step_rate(decoder, 16, 48), 1),
