@@ -3,7 +3,8 @@ side by side with what ``auto`` picks here, and the model's own forward.
 
 A default measured on one CPU collapsed on another (bfloat16 on an AVX2-only CPU without native bf16:
 5-10x slower), so the kernels are chosen at start by timing (``MEDASK_LM_HEAD_DTYPE``,
-``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS`` = ``auto``; app.engine.kernels). This prints, for this machine (its CPU
+``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS``, ``MEDASK_KV_CACHE_DTYPE`` = ``auto``; app.engine.kernels,
+app.engine.kv). This prints, for this machine (its CPU
 flags included), generated tokens/s at 1 and 16 rows (prefill included, greedy, held-out prompts) and
 the time to prefill an /ask-sized prompt, for each configuration, and how far the defaults are from the
 best configuration measured. Eager steps throughout (compilation changes every row alike).
@@ -72,7 +73,10 @@ def main() -> None:
             engine.use_static_decoder(16, compile=False, int8_probe=probe, **kw)
             d = engine.decoder
             assert d is not None
-            chosen = f"head {d.head.kernel} / {d.head.large}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, prompt {d.prompt_weights}"
+            chosen = (
+                f"head {d.head.kernel} / {d.head.large}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, "
+                f"prompt {d.prompt_weights}, KV cache {d.kv_cache}"
+            )
         else:
             chosen = "the model's forward"
         check = engine.info()["decode"].get("int8_check") if kw else None
@@ -88,9 +92,13 @@ def main() -> None:
 
     # a first configuration measured on a cold process ran several times slower than the same one measured
     # later (allocator, page faults, CPU clocks): one unrecorded pass first
-    row("warm-up (not recorded)", lm_head="auto", decode_weights="auto", prompt_weights="auto")
+    auto = {"lm_head": "auto", "decode_weights": "auto", "prompt_weights": "auto", "kv_cache": "auto"}
+    row("warm-up (not recorded)", **auto)
     rows.clear()
-    shipped = row("shipped defaults (auto)", lm_head="auto", decode_weights="auto", prompt_weights="auto")
+    shipped = row("shipped defaults (auto)", **auto)
+    # the KV cache forced each way beside the kernels auto picks (rows below: float32, the engine's default)
+    row("auto kernels, KV cache float32", **{**auto, "kv_cache": "float32"})
+    row("auto kernels, KV cache float16", **{**auto, "kv_cache": "float16"})
     # what auto chose here before FBGEMM's kernels were candidates, and the defaults chosen on an AVX-512-bf16 CPU
     row("last release's choice here", lm_head="float32", decode_weights="int4", prompt_weights="float32")
     row("defaults before issue 28", lm_head="bfloat16", decode_weights="int4", prompt_weights="bfloat16")
@@ -100,7 +108,7 @@ def main() -> None:
         row(f"{kernel} everywhere", lm_head=head, decode_weights=kernel, prompt_weights=kernel)
     row("head float16, decode int4, prompt float16", lm_head="float16", decode_weights="int4", prompt_weights="float16")
     row("head int8, decode int8, prompt float16", lm_head="int8", decode_weights="int8", prompt_weights="float16")
-    again = row("shipped defaults (auto), measured again", lm_head="auto", decode_weights="auto", prompt_weights="auto")
+    again = row("shipped defaults (auto), measured again", **auto)
     row("model forward (MEDASK_DECODE=model)")
     best = {k: max(float(r[k]) for r in rows) for k in ("tok_s_1", "tok_s_16")}
     best_prefill = min(float(r["prefill_ms"]) for r in rows if r["prefill_ms"] is not None)
