@@ -22,6 +22,10 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+# torch.compile's backend for the step (tests of the guards and the caching, which are Dynamo's, use "eager":
+# the same graphs without seconds of code generation)
+BACKEND = "inductor"
+
 
 def compile_step(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` (a bound ``StaticDecoder.step``) compiled for its decoder alone."""
@@ -30,7 +34,8 @@ def compile_step(method: Callable[..., Any]) -> Callable[..., Any]:
     fn = method.__func__  # type: ignore[attr-defined]
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     bound = types.MethodType(own, method.__self__)  # type: ignore[attr-defined]
-    return torch.compile(bound, dynamic=True, fullgraph=True, options={"guard_filter_fn": argument_guards})
+    options = {"guard_filter_fn": argument_guards}
+    return torch.compile(bound, dynamic=True, fullgraph=True, backend=BACKEND, options=options)
 
 
 def argument_guards(entries: list[Any]) -> list[bool]:

@@ -202,7 +202,7 @@ class StaticDecoder:
     def _allocate(self, rows: int, dtype: str) -> None:
         self.kv_cache, self.kv_half = dtype, dtype == "float16"
         shape = (rows, self.kv_heads, self.context, self.head_dim)
-        self.keys: list[torch.Tensor] = []  # the old cache is freed before the new one is made
+        self.keys, self.values = [], []  # the old cache is freed before the new one is made
         self.keys, self.values = (
             [torch.zeros(shape, dtype=kv.DTYPES[dtype], device=self.device) for _ in self.layers] for _ in "kv"
         )
@@ -218,10 +218,9 @@ class StaticDecoder:
         self.kv_check = kv.check(lambda dtype: self._allocate(1, dtype) or self._nll(texts), INT8_MAX_CHANGE_PCT)
         if not self.kv_check["admitted"]:
             return "float32"
-        self.kv_timing = kv.time_caches(
-            len(self.layers), self.max_rows, self.heads, self.kv_heads, self.head_dim, list(kv.KV_CACHES)
-        )
-        return kv.fastest(self.kv_timing, self.max_rows)
+        rows = min(self.max_rows, kv.TIMED_ROWS)
+        self.kv_timing = kv.time_caches(len(self.layers), rows, self.heads, self.kv_heads, self.head_dim)
+        return kv.fastest(self.kv_timing, rows)
 
     def _nll(self, texts: Sequence[Sequence[int]]) -> float:
         """Negative log-likelihood of the token ids ``texts`` through the prompt path (slot 0)."""

@@ -16,7 +16,7 @@ only when timed faster here (``time_caches``); a setting forces either.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +27,9 @@ KV_CACHES = ("float32", "float16")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # head sizes MedAsk's attention kernel is compiled for
 HALF_HEAD_DIMS = (32, 64, 128)
-# positions and most bytes of the scratch caches timed at start
+# positions, most rows and most bytes of the scratch caches timed at start
 TIMED_POSITIONS = 256
+TIMED_ROWS = 16
 TIMED_BYTES = 128 << 20
 
 
@@ -69,7 +70,13 @@ def attend_float(
 
 
 def time_caches(
-    layers: int, rows: int, heads: int, kv_heads: int, head_dim: int, candidates: list[str], reps: int = 5
+    layers: int,
+    rows: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    candidates: Sequence[str] = KV_CACHES,
+    reps: int = 5,
 ) -> dict[str, dict[str, float]]:
     """Milliseconds of one decode step's attention (every layer; fewer where the scratch caches would pass
     TIMED_BYTES) at one row and at ``rows``, over TIMED_POSITIONS positions, for each candidate dtype.

@@ -187,12 +187,17 @@ def test_compiled_step_equals_the_eager_step(ci_checkpoint: Path, monkeypatch: p
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while serving
 
 
-def test_two_compiled_decoders_keep_their_own_graphs(ci_checkpoint: Path) -> None:
+def test_two_compiled_decoders_keep_their_own_graphs(ci_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled step keeps Dynamo's guards on its arguments only (app.engine.compiled): each decoder
     compiles its own copy of the step's code, so a second decoder in the process (a float16 cache here,
-    the first's is float32) never runs the first one's graphs. Each gives what its eager step gives."""
+    the first's is float32) never runs the first one's graphs. Each gives what its eager step gives.
+    Dynamo's graphs run through its eager backend: the guards and the caching are Dynamo's, and inductor's
+    code generation would add a minute."""
+    import app.engine.compiled as compiled_module
+
     if why := kv.half_unavailable(64):
         pytest.skip(f"no float16 cache here: {why}")
+    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
     engines = []
     for cache in kv.KV_CACHES:
         engine = Engine.load(ci_checkpoint)
