@@ -9,7 +9,7 @@ flags included), generated tokens/s at 1 and 16 rows (prefill included, greedy, 
 the time to prefill an /ask-sized prompt, for each configuration, and how far the defaults are from the
 best configuration measured. Eager steps throughout (compilation changes every row alike).
 
-    python benchmarks/cpu_defaults.py [--model model_artifacts/default] [--tokens 32]
+    python benchmarks/cpu_defaults.py [--model model_artifacts/default] [--tokens 32] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="rounds of every configuration; the best of them kept")
     args = p.parse_args()
     torch.manual_seed(0)
     engine = Engine.load(Path(args.model))
@@ -79,46 +80,68 @@ def main() -> None:
             )
         else:
             chosen = "the model's forward"
-        check = engine.info()["decode"].get("int8_check") if kw else None
-        if check:
-            chosen += "".join(
-                f" ({k} check {v['change_pct']:+.3f}%: {'admitted' if v['admitted'] else 'refused'})"
-                for k, v in check["kernels"].items()
-            )
         r = {"configuration": name, "chosen": chosen, **measure(engine, prompts, long_prompt, args.tokens)}
-        rows.append(r)
         print(r, flush=True)
         return r
 
-    # a first configuration measured on a cold process ran several times slower than the same one measured
-    # later (allocator, page faults, CPU clocks): one unrecorded pass first
     auto = {"lm_head": "auto", "decode_weights": "auto", "prompt_weights": "auto", "kv_cache": "auto"}
-    row("warm-up (not recorded)", **auto)
-    rows.clear()
-    shipped = row("shipped defaults (auto)", **auto)
-    # the KV cache forced each way beside the kernels auto picks (rows below: float32, the engine's default)
-    row("auto kernels, KV cache float32", **{**auto, "kv_cache": "float32"})
-    row("auto kernels, KV cache float16", **{**auto, "kv_cache": "float16"})
-    # what auto chose here before FBGEMM's kernels were candidates, and the defaults chosen on an AVX-512-bf16 CPU
-    row("last release's choice here", lm_head="float32", decode_weights="int4", prompt_weights="float32")
-    row("defaults before issue 28", lm_head="bfloat16", decode_weights="int4", prompt_weights="bfloat16")
+    configurations: list[tuple[str, dict[str, str]]] = [
+        ("shipped defaults (auto)", auto),
+        # the KV cache forced each way beside the kernels auto picks (rows below: float32, the engine's default)
+        ("auto kernels, KV cache float32", {**auto, "kv_cache": "float32"}),
+        ("auto kernels, KV cache float16", {**auto, "kv_cache": "float16"}),
+        # what auto chose here before FBGEMM's kernels were candidates, and the defaults chosen on an AVX-512-bf16 CPU
+        ("last release's choice here", {"lm_head": "float32", "decode_weights": "int4", "prompt_weights": "float32"}),
+        ("defaults before issue 28", {"lm_head": "bfloat16", "decode_weights": "int4", "prompt_weights": "bfloat16"}),
+    ]
     for kernel in KERNELS:  # one kernel everywhere (the head has no 4-bit form: float32 beside int4, MedAsk's
         # float16 kernel beside MedAsk's exact 4-bit one, its 8-bit kernel beside its 4-bit x 8-bit one)
         head = {"int4": "float32", "int4-avx2": "float16-avx2", "int4x8-avx2": "int8-avx2"}.get(kernel, kernel)
-        row(f"{kernel} everywhere", lm_head=head, decode_weights=kernel, prompt_weights=kernel)
-    row("head float16, decode int4, prompt float16", lm_head="float16", decode_weights="int4", prompt_weights="float16")
-    row("head int8, decode int8, prompt float16", lm_head="int8", decode_weights="int8", prompt_weights="float16")
-    again = row("shipped defaults (auto), measured again", **auto)
-    row("model forward (MEDASK_DECODE=model)")
-    best = {k: max(float(r[k]) for r in rows) for k in ("tok_s_1", "tok_s_16")}
+        configurations.append(
+            (f"{kernel} everywhere", {"lm_head": head, "decode_weights": kernel, "prompt_weights": kernel})
+        )
+    configurations += [
+        (
+            "head float16, decode int4, prompt float16",
+            {"lm_head": "float16", "decode_weights": "int4", "prompt_weights": "float16"},
+        ),
+        (
+            "head int8, decode int8, prompt float16",
+            {"lm_head": "int8", "decode_weights": "int8", "prompt_weights": "float16"},
+        ),
+        ("model forward (MEDASK_DECODE=model)", {}),
+    ]
+    # a first configuration measured on a cold process ran several times slower than the same one measured
+    # later (allocator, page faults, CPU clocks): one unrecorded pass first
+    row("warm-up (not recorded)", **auto)
+    # every configuration once a round, the best of the rounds kept: this machine drifts by 20-40% within a run,
+    # and drift only ever takes speed away
+    best: dict[str, dict[str, object]] = {}
+    for _ in range(args.rounds):
+        for name, kw in configurations:
+            r = row(name, **kw)
+            if name not in best:
+                best[name] = r
+                continue
+            b = best[name]
+            b["tok_s_1"] = max(float(b["tok_s_1"]), float(r["tok_s_1"]))
+            b["tok_s_16"] = max(float(b["tok_s_16"]), float(r["tok_s_16"]))
+            if r["prefill_ms"] is not None:
+                b["prefill_ms"] = min(float(b["prefill_ms"]), float(r["prefill_ms"]))
+            if r["chosen"] not in str(b["chosen"]):
+                b["chosen"] = f"{b['chosen']} | {r['chosen']}"  # auto chose differently between starts
+    rows = list(best.values())
+    shipped = best["shipped defaults (auto)"]
+    top = {k: max(float(r[k]) for r in rows) for k in ("tok_s_1", "tok_s_16")}
     best_prefill = min(float(r["prefill_ms"]) for r in rows if r["prefill_ms"] is not None)
     for r in rows:
-        r["x_best_1"] = round(float(r["tok_s_1"]) / best["tok_s_1"], 3)
-        r["x_best_16"] = round(float(r["tok_s_16"]) / best["tok_s_16"], 3)
+        r["x_best_1"] = round(float(r["tok_s_1"]) / top["tok_s_1"], 3)
+        r["x_best_16"] = round(float(r["tok_s_16"]) / top["tok_s_16"], 3)
         r["x_best_prefill"] = round(best_prefill / float(r["prefill_ms"]), 3) if r["prefill_ms"] else None
     summary = {
         "cpu_flags": list(cpu_flags()),
-        "shipped_vs_best": {k: max(shipped[k], again[k]) for k in ("x_best_1", "x_best_16", "x_best_prefill")},
+        "rounds": args.rounds,
+        "shipped_vs_best": {k: shipped[k] for k in ("x_best_1", "x_best_16", "x_best_prefill")},
         "auto_timings": engine.info()["decode"] if engine.decoder is not None else None,
     }
     report("Shipped defaults against every configuration on this CPU", rows, summary)
