@@ -111,7 +111,8 @@ class Settings(BaseSettings):
         "auto",
         description="the static step's KV cache: float32 (torch's attention) or float16 (half the bytes a decode step "
         "reads, through MedAsk's C++ attention, built at install); auto: float16 when, at start, it scores the "
-        "evidence pack's first passages within +0.5% (as int8_auto) and its attention is timed faster here",
+        "evidence pack's first passages within +0.5% (the same probe as int8_auto: with int8_auto off, or no pack, "
+        "auto keeps float32) and its attention is timed faster here",
     )
     prefix_cache_mb: int = Field(
         256,

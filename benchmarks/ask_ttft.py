@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
-from benchmarks.llama_cpp_peer import LLAMA, gguf_files, start_llama  # noqa: E402
+from benchmarks.llama_cpp_peer import gguf_files, require_llama_server, start_llama  # noqa: E402
 from benchmarks.serve_load import Target, start_medask, stop  # noqa: E402
 
 ROLE = "General Practitioner"
@@ -129,8 +129,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, nargs="+", default=[16, 48])
     p.add_argument("--questions", type=int, default=24)
     args = p.parse_args()
-    if not (LLAMA / "llama-server").is_file():
-        sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
+    require_llama_server()
     work = ROOT / "runs" / "bench"
     _, q4 = gguf_files(args.model, work)
     questions = answered(args.model, [r.prompt for r in heldout_rows()[: args.questions * 2]], work)[: args.questions]

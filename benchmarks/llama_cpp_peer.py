@@ -38,6 +38,12 @@ from benchmarks.serve_load import Target, _wait, drive, start_medask, stop  # no
 LLAMA = ROOT / "runs" / "llama.cpp" / "build" / "bin"
 
 
+def require_llama_server() -> None:
+    """Exit with what to run when llama.cpp's server has not been built (every peer benchmark needs it)."""
+    if not (LLAMA / "llama-server").is_file():
+        sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
+
+
 def start_llama(gguf: Path, name: str, slots: int, context: int, log: Path) -> Target:
     port = free_port()
     cmd = [
@@ -165,8 +171,7 @@ def main() -> None:
     p.add_argument("--peers", nargs="*", default=["f32", "Q4_0"], help="llama-server formats to run")
     args = p.parse_args()
     PROMPT_CACHE["on"] = args.prompt_cache == "on"
-    if not (LLAMA / "llama-server").is_file():
-        sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
+    require_llama_server()
     work = ROOT / "runs" / "bench"
     f32, q4 = gguf_files(args.model, work)
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import report  # noqa: E402
-from benchmarks.llama_cpp_peer import LLAMA, gguf_files, one, peer_prompts, start_llama  # noqa: E402
+from benchmarks.llama_cpp_peer import gguf_files, one, peer_prompts, require_llama_server, start_llama  # noqa: E402
 from benchmarks.serve_load import drive, start_medask, stop  # noqa: E402
 
 
@@ -51,8 +51,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--medask", nargs="*", default=["", "MEDASK_STREAM_INTERVAL_MS=0"])
     args = p.parse_args()
-    if not (LLAMA / "llama-server").is_file():
-        sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
+    require_llama_server()
     work = ROOT / "runs" / "bench"
     _, q4 = gguf_files(args.model, work)
     context, prompts = peer_prompts(args.model, args.tokens)

@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.llama_cpp_peer import LLAMA, gguf_files, start_llama  # noqa: E402
+from benchmarks.llama_cpp_peer import gguf_files, require_llama_server, start_llama  # noqa: E402
 from benchmarks.serve_load import start_medask, stop  # noqa: E402
 
 QUESTION = "A 45-year-old man has a productive cough and fever for three days. What is the likely diagnosis?"
@@ -39,8 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="model_artifacts/default")
     args = p.parse_args()
-    if not (LLAMA / "llama-server").is_file():
-        sys.exit(f"no llama-server in {LLAMA}: run `bash benchmarks/build_llama_cpp.sh` first")
+    require_llama_server()
     work = ROOT / "runs" / "bench"
     gguf, _ = gguf_files(args.model, work)
     ask = {"question": QUESTION, "role": "Pulmonologist", "max_new_tokens": 32}

@@ -419,7 +419,7 @@ class StaticDecoder:
             if self.kv_half:  # a plain bool, fixed at start (a constant to the compiler)
                 out = kv.attend_half(q, keys, values, pos)
             else:
-                out = kv.attend_float(q, keys[:n, :, :attended], values[:n, :, :attended], pos, self.gqa)
+                out = kv.attend_float(q, keys[:, :, :attended], values[:, :, :attended], pos, self.gqa)
             x = x + o_proj(out.reshape(n, self.heads * self.head_dim))[0]
             g, u = gate_up(_rms_norm(x, ln2, self.eps))
             x = x + down(torch.nn.functional.silu(g) * u)[0]

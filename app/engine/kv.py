@@ -60,7 +60,8 @@ def attend_half(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: 
 def attend_float(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, gqa: bool
 ) -> torch.Tensor:
-    """The same through torch's attention over a float32 cache (the reference), masked beyond each row's pos."""
+    """The same through torch's attention over a float32 cache (the reference; ``keys``, ``values``: the slots'
+    first ``attended`` positions), masked beyond each row's pos."""
     n, attended = q.shape[0], keys.shape[2]
     visible = (torch.arange(attended, device=q.device)[None, :] <= pos[:, None])[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(
