@@ -6,6 +6,11 @@
 #
 #   bash benchmarks/build_llama_cpp.sh                # -> runs/llama.cpp/src (source), runs/llama.cpp/build/bin
 #   SOURCE_ONLY=1 bash benchmarks/build_llama_cpp.sh  # the source only (the GGUF converter), seconds
+#   LLAMA_AMX=off bash benchmarks/build_llama_cpp.sh  # -> runs/llama.cpp/build-noamx/bin: this CPU's flags but AMX
+#
+# LLAMA_AMX=off: on a VM that reports AMX but does not let a process use its tiles (llama-server dies with
+# SIGILL at `tilezero` in ggml_backend_amx_mul_mat), build for this CPU's other flags (AVX-512, VNNI, BF16) and
+# point the benchmarks at it: LLAMA_CPP_BIN=runs/llama.cpp/build-noamx/bin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -20,9 +25,20 @@ fi
 if [ -n "${SOURCE_ONLY:-}" ]; then  # the converter is Python: the GGUF export needs no build
   exit 0
 fi
-if [ ! -x "$DEST/build/bin/llama-server" ]; then
-  cmake -S "$DEST/src" -B "$DEST/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-  cmake --build "$DEST/build" -j "${JOBS:-2}" --target llama-server llama-quantize llama-bench
+BUILD="$DEST/build"
+ISA=(-DGGML_NATIVE=ON)
+if [ "${LLAMA_AMX:-on}" = off ]; then
+  BUILD="$DEST/build-noamx"
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo) "
+  ISA=(-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+    avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    [[ "$flags" == *" ${pair%%:*} "* ]] && ISA+=("-DGGML_${pair##*:}=ON")
+  done
 fi
-"$DEST/build/bin/llama-server" --version 2>&1 | tail -2
+if [ ! -x "$BUILD/bin/llama-server" ]; then
+  cmake -S "$DEST/src" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    "${ISA[@]}" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+  cmake --build "$BUILD" -j "${JOBS:-2}" --target llama-server llama-quantize llama-bench
+fi
+"$BUILD/bin/llama-server" --version 2>&1 | tail -2

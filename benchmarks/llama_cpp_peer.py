@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import free_port  # noqa: E402
 from benchmarks.serve_load import Target, _wait, drive, start_medask, stop  # noqa: E402
 
-LLAMA = ROOT / "runs" / "llama.cpp" / "build" / "bin"
+# where llama.cpp was built (benchmarks/build_llama_cpp.sh; LLAMA_CPP_BIN: another build, e.g. without AMX)
+LLAMA = Path(os.environ.get("LLAMA_CPP_BIN") or ROOT / "runs" / "llama.cpp" / "build" / "bin")
 
 
 def require_llama_server() -> None:
