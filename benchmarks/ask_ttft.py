@@ -11,7 +11,8 @@ model (out-of-scope ones are refused before any model call, and left out for eve
 ``token`` event after the triage event (routine questions carry no advice). llama-server: the prompt
 MedAsk renders for the same question (role, evidence block, question; rebuilt here with MedAsk's own
 code and checked against /ask's ``usage.prompt_tokens``) as token ids through streamed
-``/v1/completions``; TTFT = first text chunk. Both 64 tokens, greedy, one server at a time; llama-server
+``/v1/completions``; TTFT = first text chunk. Both 64 tokens, greedy; every server is started first and
+they take turns (``--rounds``: each server's share of the requests in turn, one server at a time); llama-server
 once with its prompt cache off (``cache_prompt: false``: every prompt computed) and once on (its
 default), MedAsk with its prefix cache (``MEDASK_PREFIX_CACHE_MB``, default) and without.
 """
@@ -105,7 +106,10 @@ def answered(model: str, questions: list[str], work: Path) -> list[str]:
     return [q for q, u in zip(questions, usage, strict=True) if u["prompt_tokens"] > 0]
 
 
-async def drive(t: Target, questions: list[str], prompts: list[list[int]], concurrency: int, n: int, tokens: int):
+async def drive(
+    t: Target, questions: list[str], prompts: list[list[int]], concurrency: int, n: int, tokens: int, first: int = 0
+):
+    """Requests ``first .. first + n`` of the question sequence (cycled), ``concurrency`` at a time."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -116,7 +120,7 @@ async def drive(t: Target, questions: list[str], prompts: list[list[int]], concu
                 return await ask(client, t, questions[j], prompts[j], tokens)
 
         await one(0)  # warm-up
-        return await asyncio.gather(*(one(i) for i in range(n)))
+        return await asyncio.gather(*(one(i) for i in range(first, first + n)))
 
 
 def main() -> None:
@@ -128,6 +132,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--requests", type=int, nargs="+", default=[16, 48])
     p.add_argument("--questions", type=int, default=24)
+    p.add_argument(
+        "--rounds", type=int, default=4, help="each server takes its share of a concurrency's requests in turn"
+    )
     args = p.parse_args()
     require_llama_server()
     work = ROOT / "runs" / "bench"
@@ -145,14 +152,29 @@ def main() -> None:
         "llama-server Q4_0 (prompt cache off)": lambda: start_llama(q4, "nocache", slots, 1024, work / "ask-q4b.log"),
     }
     rows, checks = [], {}
-    for name, factory in servers.items():
-        t = factory()
-        t.model = "cache" if "cache on" in name else t.model if name.startswith("medask") else "nocache"
-        t.name = name
-        try:
-            for c, n in zip(args.concurrency, args.requests, strict=True):
-                rs = asyncio.run(drive(t, questions, prompts, c, n, args.tokens))
-                ttfts = sorted(r["ttft"] for r in rs)
+    # every server up at once and measured in turns (a round: each server's next requests, the order rotated):
+    # this machine drifts by 20-50% within minutes, and one server after another compared the drift
+    targets = {}
+    try:
+        for name, factory in servers.items():
+            t = factory()
+            t.model = "cache" if "cache on" in name else t.model if name.startswith("medask") else "nocache"
+            t.name = name
+            targets[name] = t
+        for c, n in zip(args.concurrency, args.requests, strict=True):
+            share = -(-n // args.rounds)
+            got: dict[str, list[dict]] = {name: [] for name in targets}
+            for r in range(args.rounds):
+                order = list(targets)[r % len(targets) :] + list(targets)[: r % len(targets)]
+                for name in order:
+                    first = r * share
+                    if first < n:
+                        rs = asyncio.run(
+                            drive(targets[name], questions, prompts, c, min(share, n - first), args.tokens, first)
+                        )
+                        got[name] += rs
+            for name, rs in got.items():
+                ttfts = sorted(x["ttft"] for x in rs)
                 rows.append(
                     {
                         "server": name,
@@ -160,14 +182,15 @@ def main() -> None:
                         "requests": n,
                         "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
                         "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
-                        "latency_p50_s": round(statistics.median(r["latency"] for r in rs), 3),
+                        "latency_p50_s": round(statistics.median(x["latency"] for x in rs), 3),
                     }
                 )
                 print(rows[-1], file=sys.stderr, flush=True)
-                served = [r["prompt_tokens"] for r in rs if r["prompt_tokens"] is not None]
+                served = [x["prompt_tokens"] for x in rs if x["prompt_tokens"] is not None]
                 if served:
                     checks[name] = sorted(set(served)) == sorted({len(prompts[i % len(prompts)]) for i in range(n)})
-        finally:
+    finally:
+        for t in targets.values():
             stop(t)
     report(
         f"/ask time to first token with evidence vs llama-server Q4_0 on the same rendered prompt ({args.tokens} tokens)",

@@ -253,7 +253,9 @@ def main() -> None:
                     "vs llama-server Q4_0": by[name] / by["llama-server Q4_0"] if "llama-server Q4_0" in by else "n/a",
                 }
             )
-    same = {name: text == texts.get("llama-server f32") for name, text in texts.items()}
+    # the f32 export is the reference text; without it (--peers Q4_0) there is nothing to compare against
+    reference = texts.get("llama-server f32")
+    same = {name: text == reference for name, text in texts.items()} if reference is not None else "n/a (no f32 peer)"
     report(
         f"MedAsk vs llama-server ({args.tokens} tokens, greedy, streamed /v1/completions, token-id prompts, "
         f"{args.rounds} interleaved rounds, prompt caches {args.prompt_cache})",

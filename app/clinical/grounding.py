@@ -23,6 +23,7 @@ whether a passage is right. It is lexical, and says so (``method``). Pure Python
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -83,10 +84,22 @@ class Checker:
     def __init__(self, passages: Sequence[PassageLike], question: str, lexicon: Collection[str] = ()) -> None:
         self.passages = list(passages)
         self.lexicon = lexicon
-        self.terms = [content_terms(f"{p.title} {p.text}") for p in self.passages]
-        self.source_text = " ".join(f"{p.title} {p.text} {' '.join(p.focus)}" for p in self.passages).lower()
+        self.question_text = question
         self.question = question.lower()
-        self.question_terms = content_terms(question)
+
+    # computed at the first sentence, not when a stream opens: a stream's checker is made before the prompt
+    # reaches the model, and the passages' terms (1-2 ms) would delay its first token
+    @functools.cached_property
+    def terms(self) -> list[set[str]]:
+        return [content_terms(f"{p.title} {p.text}") for p in self.passages]
+
+    @functools.cached_property
+    def source_text(self) -> str:
+        return " ".join(f"{p.title} {p.text} {' '.join(p.focus)}" for p in self.passages).lower()
+
+    @functools.cached_property
+    def question_terms(self) -> set[str]:
+        return content_terms(self.question_text)
 
     def check(self, sentence: str) -> CheckedSentence:
         words = content_terms(sentence) - GENERIC
