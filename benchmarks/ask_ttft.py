@@ -12,7 +12,8 @@ model (out-of-scope ones are refused before any model call, and left out for eve
 MedAsk renders for the same question (role, evidence block, question; rebuilt here with MedAsk's own
 code and checked against /ask's ``usage.prompt_tokens``) as token ids through streamed
 ``/v1/completions``; TTFT = first text chunk. Both 64 tokens, greedy; every server is started first and
-they take turns (``--rounds``: each server's share of the requests in turn, one server at a time); llama-server
+at 1 user they take turns (``--rounds``: each server's share of the requests in turn), at more users each
+runs its requests in one go, one server at a time; llama-server
 once with its prompt cache off (``cache_prompt: false``: every prompt computed) and once on (its
 default), MedAsk with its prefix cache (``MEDASK_PREFIX_CACHE_MB``, default) and without.
 """
@@ -162,7 +163,9 @@ def main() -> None:
             t.name = name
             targets[name] = t
         for c, n in zip(args.concurrency, args.requests, strict=True):
-            share = -(-n // args.rounds)
+            # at 1 user the servers take turns; at more, each runs its requests in one go (a turn of a few
+            # requests would be a burst of simultaneous arrivals, another load than n requests kept at c)
+            share = -(-n // args.rounds) if c == 1 else n
             got: dict[str, list[dict]] = {name: [] for name in targets}
             for r in range(args.rounds):
                 order = list(targets)[r % len(targets) :] + list(targets)[: r % len(targets)]
