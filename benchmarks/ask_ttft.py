@@ -165,9 +165,10 @@ def main() -> None:
         for c, n in zip(args.concurrency, args.requests, strict=True):
             # at 1 user the servers take turns; at more, each runs its requests in one go (a turn of a few
             # requests would be a burst of simultaneous arrivals, another load than n requests kept at c)
-            share = -(-n // args.rounds) if c == 1 else n
+            rounds = args.rounds if c == 1 else 1
+            share = -(-n // rounds)
             got: dict[str, list[dict]] = {name: [] for name in targets}
-            for r in range(args.rounds):
+            for r in range(rounds):
                 order = list(targets)[r % len(targets) :] + list(targets)[: r % len(targets)]
                 for name in order:
                     first = r * share

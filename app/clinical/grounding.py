@@ -84,7 +84,6 @@ class Checker:
     def __init__(self, passages: Sequence[PassageLike], question: str, lexicon: Collection[str] = ()) -> None:
         self.passages = list(passages)
         self.lexicon = lexicon
-        self.question_text = question
         self.question = question.lower()
 
     # computed at the first sentence, not when a stream opens: a stream's checker is made before the prompt
@@ -99,7 +98,7 @@ class Checker:
 
     @functools.cached_property
     def question_terms(self) -> set[str]:
-        return content_terms(self.question_text)
+        return content_terms(self.question)  # content_terms lowercases: the question as given
 
     def check(self, sentence: str) -> CheckedSentence:
         words = content_terms(sentence) - GENERIC
