@@ -201,7 +201,13 @@ class Clinic:
         default_k, max_tokens = self.evidence_contract()
         t0 = time.perf_counter()
         passages, block = gather(
-            self.evidence, role, question, self._evidence_tokens, k or default_k, min(max_tokens, room)
+            self.evidence,
+            role,
+            question,
+            self._evidence_tokens,
+            k or default_k,
+            min(max_tokens, room),
+            token_ends=self.engine.token_ends,
         )
         self.metrics.evidence_seconds.observe(time.perf_counter() - t0)
         self.metrics.evidence_requests.labels("hit" if passages else "empty").inc()

@@ -176,6 +176,14 @@ class EngineBase:
         # special tokens come from the chat template (see app.clinical.prompting)
         return self.front(text, add_special_tokens=False)["input_ids"]
 
+    def token_ends(self, text: str) -> list[int] | None:
+        """Where each token of ``text`` ends (character offsets), or None from a tokenizer without offsets."""
+        if not getattr(self.front, "is_fast", False):
+            return None
+        return [
+            end for _, end in self.front(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ]
+
     # ---- what the scheduler asks (worker thread) -------------------------------
     def generate(
         self,

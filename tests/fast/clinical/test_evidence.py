@@ -148,6 +148,40 @@ def test_the_token_budget_cuts_evidence_never_the_question() -> None:
     assert evidence_block([small, huge], words, 12).count("\n[") >= 1
 
 
+def test_the_cut_found_from_one_tokenization_is_the_binary_searchs() -> None:
+    """``token_ends`` (one tokenization of the cut passage, checked with two exact counts) finds the cut with
+    fewer tokenizations and gives the same block, with the shipped checkpoint's tokenizer over real passages,
+    spaces, accents and symbols, at every budget; an oracle that lies is caught by the check."""
+    import random
+
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "model_artifacts" / "default" / "tokenizer.json"))
+    calls = {"plain": 0, "ends": 0, "lying": 0}
+
+    def counter(kind: str):
+        def count(text: str) -> int:
+            calls[kind] += 1
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+        return count
+
+    def ends(text: str) -> list[int]:
+        return [e for _, e in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+
+    rng = random.Random(7)
+    texts = [d["text"] for d in DOCS] + [r.completion for r in heldout_rows()[:40]]
+    texts.append("Febre de 39,5 °C há 3 dias, criança com rigidez de nuca — procure atendimento já.  " * 6)
+    for i in range(120):
+        passages = [Passage(f"p{j}", f"d{j}", f"T{j}", rng.choice(texts), None, "s") for j in range(3)]
+        budget = rng.choice([8, 20, 40, 60, 90, 130, 200])
+        plain = evidence_block(passages, counter("plain"), budget)
+        assert evidence_block(passages, counter("ends"), budget, ends) == plain, i
+        lying = evidence_block(passages, counter("lying"), budget, lambda t: list(range(1, len(t) + 1, 2)))
+        assert lying == plain, i
+    assert calls["ends"] < 0.75 * calls["plain"], calls
+
+
 def test_gather_cites_only_what_the_model_saw(pack_dir: Path) -> None:
     pack = EvidencePack.load(pack_dir)
     q = "chest pain sepsis stridor"

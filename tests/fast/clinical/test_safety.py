@@ -198,14 +198,20 @@ def test_anchored_matchers_find_what_one_matcher_of_every_pattern_finds(layer: S
                 assert matchers(doc) == sorted(every, key=lambda m: (m[1], m[2], m[0])), text
 
 
-def test_the_classifier_called_through_its_parts_gives_the_pipelines_probabilities(layer: SafetyLayer) -> None:
-    """Triage calls the vectorizers and the regression directly (no pipeline dispatch per question): the
-    probabilities must be exactly the pipeline's own."""
+def test_the_classifiers_own_scorer_gives_the_pipelines_probabilities(layer: SafetyLayer) -> None:
+    """Triage scores a question without scikit-learn's per-call machinery (``_Scorer``): the probabilities
+    must be the pipeline's own, to the last bits a different summation order moves (1e-12), on every case
+    and with the scorer in use (it is checked against the pipeline on every example at start)."""
     from app.clinical.triage.text import canonical, fold
 
     classifier = layer.classifier
-    assert classifier is not None
+    assert classifier is not None and classifier._fast
     for case in CASES:
         folded = fold(canonical(case["text"]))
-        expected = classifier.model.predict_proba([folded])[0]
-        assert classifier.probabilities(folded) == dict(zip(classifier.classes, map(float, expected), strict=True))
+        expected = dict(zip(classifier.classes, map(float, classifier.model.predict_proba([folded])[0]), strict=True))
+        got = classifier.probabilities(folded)
+        assert got.keys() == expected.keys()
+        assert all(abs(got[k] - expected[k]) < 1e-12 for k in got), case["text"]
+    assert classifier.probabilities("") == pytest.approx(
+        dict(zip(classifier.classes, classifier.model.predict_proba([""])[0], strict=True)), abs=1e-12
+    )
