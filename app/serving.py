@@ -159,10 +159,12 @@ class Serving:
                     prefill_chunk=s.prefill_chunk_tokens or None,
                     int8_probe=self._int8_probe(),
                     kv_cache=s.kv_cache_dtype,
+                    integer_dot=s.integer_dot,
                 )
             except ValueError as exc:  # a forced kernel that cannot run here: a clear start-up error
                 raise CheckpointError(
-                    f"MEDASK_LM_HEAD_DTYPE / MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS / MEDASK_KV_CACHE_DTYPE: {exc}"
+                    f"MEDASK_LM_HEAD_DTYPE / MEDASK_DECODE_WEIGHTS / MEDASK_PROMPT_WEIGHTS / MEDASK_KV_CACHE_DTYPE / "
+                    f"MEDASK_INTEGER_DOT: {exc}"
                 ) from exc
             log.info(engine.decode_note, extra={"event": "decode_path", "seconds": round(seconds, 1)})
         if s.warmup:

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         "evidence pack's first passages within +0.5% (the same probe as int8_auto: with int8_auto off, or no pack, "
         "auto keeps float32) and its attention is timed faster here",
     )
+    integer_dot: Literal["auto", "vnni", "avx2"] = Field(
+        "auto",
+        description="the instructions MedAsk's 8-bit kernels (int8-avx2, int4x8-avx2) multiply bytes with: vnni "
+        "(AVX-512 VNNI) or avx2; the same outputs bit for bit, so auto takes vnni wherever the CPU has it (/info "
+        "decode.integer_dot); vnni on a CPU without it is a start-up error",
+    )
     prefix_cache_mb: int = Field(
         256,
         ge=0,

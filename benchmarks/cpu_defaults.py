@@ -3,8 +3,8 @@ side by side with what ``auto`` picks here, and the model's own forward.
 
 A default measured on one CPU collapsed on another (bfloat16 on an AVX2-only CPU without native bf16:
 5-10x slower), so the kernels are chosen at start by timing (``MEDASK_LM_HEAD_DTYPE``,
-``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS``, ``MEDASK_KV_CACHE_DTYPE`` = ``auto``; app.engine.kernels,
-app.engine.kv). This prints, for this machine (its CPU
+``MEDASK_DECODE_WEIGHTS``, ``MEDASK_PROMPT_WEIGHTS``, ``MEDASK_KV_CACHE_DTYPE``, ``MEDASK_INTEGER_DOT`` = ``auto``;
+app.engine.kernels, app.engine.kv). This prints, for this machine (its CPU
 flags included), generated tokens/s at 1 and 16 rows (prefill included, greedy, held-out prompts) and
 the time to prefill an /ask-sized prompt, for each configuration, and how far the defaults are from the
 best configuration measured. Eager steps throughout (compilation changes every row alike).
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from app.clinical.evidence import load_pack
+from app.engine import native
 from app.engine.decode import cpu_flags
 from app.engine.kernels import KERNELS
 from app.engine.local import Engine
@@ -80,7 +81,7 @@ def main() -> None:
             assert d is not None
             chosen = (
                 f"head {d.head.kernel} / {d.head.large}, decode {d.decode_small} (1-4 rows) / {d.decode_large}, "
-                f"prompt {d.prompt_weights}, KV cache {d.kv_cache}"
+                f"prompt {d.prompt_weights}, KV cache {d.kv_cache}, integer dot {engine.integer_dot}"
             )
         else:
             chosen = "the model's forward"
@@ -115,6 +116,8 @@ def main() -> None:
         ),
         ("model forward (MEDASK_DECODE=model)", {}),
     ]
+    if native.integer_dot("auto") == "vnni":  # the 8-bit kernels' byte products without VNNI, the rest as shipped
+        configurations.insert(3, ("auto kernels, integer dot avx2 (not vnni)", {**auto, "integer_dot": "avx2"}))
     # a first configuration measured on a cold process ran several times slower than the same one measured
     # later (allocator, page faults, CPU clocks): one unrecorded pass first
     row("warm-up (not recorded)", **auto)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from app.clinical.scoring import Score, score_texts
+from app.engine import native
 from app.engine.base import (
     CheckpointError,
     EngineBase,
@@ -82,6 +83,7 @@ class Engine(EngineBase):
         self.kernel = _kernel_name(model)
         # the static decode step (app.engine.decode), set up by ``use_static_decoder``; None: the model's forward
         self.decoder: StaticDecoder | None = None
+        self.integer_dot: str | None = None
         self.prefill_chunk: int | None = None  # prompt tokens run per decode step while rows decode (None: whole)
         self.decode_note = "the model's own forward (static decode step not set up)"
         # rows can join a running batch only when every layer's KV cache simply grows
@@ -102,6 +104,7 @@ class Engine(EngineBase):
         prefill_chunk: int | None = None,
         int8_probe: Sequence[str] = (),
         kv_cache: str = "float32",
+        integer_dot: str = "auto",
     ) -> float:
         """Decode with app.engine.decode's static KV cache and fused step (compiled if asked), when this
         model allows it; returns the seconds spent setting up (and compiling)."""
@@ -116,6 +119,8 @@ class Engine(EngineBase):
         if reason is not None:
             self.decode_note = f"the model's own forward: {reason}"
             return 0.0
+        # before the decoder times its kernels: they are timed with the instructions they will run
+        self.integer_dot = native.integer_dot(integer_dot)
         self.decoder = StaticDecoder(
             self.model,
             max_rows,
@@ -250,6 +255,8 @@ class Engine(EngineBase):
             # chosen by timing on this CPU when MEDASK_LM_HEAD_DTYPE=auto (ms per 1-row and full-batch matmul)
             "lm_head_timing_ms": d.head_timing if d is not None else None,
             "cpu_flags": list(cpu_flags()),
+            # the 8-bit kernels' byte products: vnni or avx2 (the same outputs; None: no MedAsk kernels here)
+            "integer_dot": self.integer_dot if d is not None else None,
             "slots": d.max_rows if d is not None else None,
             "kv_cache_mb": round(sum(t.nbytes for t in d.keys + d.values) / 2**20, 1) if d is not None else None,
             # float32 (torch's attention) or float16 (MedAsk's decode attention): checked on the probe text like

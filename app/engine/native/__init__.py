@@ -9,7 +9,7 @@ leaves nothing that looks finished. Nothing is compiled while serving: a service
 (no compiler at install, a CPU without AVX2/FMA/F16C) keeps every other kernel, and ``/info`` and a
 forced setting say why these are missing. Operators: ``torch.ops.medask_native.q4_linear``,
 ``q4q8_linear``, ``i8_linear``, ``f16_linear``, ``decode_attention`` (C++, so a compiled step calls them
-without a Python body).
+without a Python body); ``use_vnni`` (``integer_dot``) picks the instructions of the 8-bit kernels' byte products.
 """
 
 from __future__ import annotations
@@ -103,6 +103,27 @@ def load() -> str | None:
     torch.library.register_fake(f"{NAME}::f16_linear")(_rows_by_out)
     torch.library.register_fake(f"{NAME}::decode_attention")(_like_query)
     return None
+
+
+# the instructions of the 8-bit kernels' byte products (int8-avx2, int4x8-avx2), a setting's values
+INTEGER_DOTS = ("auto", "vnni", "avx2")
+
+
+def integer_dot(choice: str = "auto") -> str | None:
+    """Set which instructions the 8-bit kernels multiply bytes with in this process and say which: ``vnni``
+    (AVX-512 VNNI's vpdpbusd, one instruction per 32 products) or ``avx2`` (maddubs, madd, add). Both give the
+    same outputs bit for bit (kernels.cpp), so auto takes vnni wherever the CPU has it; None: no library here.
+    Forcing vnni on a CPU without it is a ValueError (a start-up error)."""
+    if choice not in INTEGER_DOTS:
+        raise ValueError(f"integer dot {choice!r}: one of {', '.join(INTEGER_DOTS)}")
+    if (why := load()) is not None:
+        if choice == "vnni":
+            raise ValueError(f"integer dot vnni: MedAsk's kernels are unavailable ({why})")
+        return None
+    on = torch.ops.medask_native.use_vnni(0 if choice == "avx2" else 1)
+    if choice == "vnni" and not on:
+        raise ValueError("integer dot vnni: this CPU lacks AVX-512 VNNI (avx512_vnni with avx512vl and avx512bw)")
+    return "vnni" if on else "avx2"
 
 
 def _rows_by_out(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:

@@ -18,6 +18,11 @@
 // one per 32): integer pair products (maddubs) summed over a group, then one float multiply-add per group. It changes the
 // arithmetic, so it is chosen only after the start-up check that admits 8-bit activations.
 //
+// Integer products on VNNI: where the CPU has AVX-512 VNNI (with VL), q4q8_linear and i8_linear sum their
+// byte products with one vpdpbusd per 32 inputs instead of maddubs, madd and add. Each int32 lane sums the same
+// four byte products either way (every sum is exact: no int16 saturation is reachable on these ranges), so the
+// outputs are bit for bit the AVX2 path's; use_vnni switches it off (tests compare the two, benchmarks time them).
+//
 // 4-bit layout (ggml's Q4_0 block order): inputs in blocks of 32; block b of output o is 16 bytes,
 // byte j holding input 32b+j in its low nibble and input 32b+16+j in its high nibble.
 // w[o, i] = q[o, i] * scale[o, g] + offset[o, g], g = i / group.
@@ -27,6 +32,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace {
@@ -38,6 +44,13 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// the offsets' share of a 4-bit output, one explicit fused multiply-add per group in order: the same
+// rounding in every kernel, whatever instructions the compiler may use for its loop in each
+inline float plus_offsets(float out, const float* offset, const float* xsum, int64_t G) {
+  for (int64_t g = 0; g < G; ++g) out = std::fma(offset[g], xsum[g], out);
+  return out;
 }
 
 inline __m256 widen_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
@@ -73,9 +86,7 @@ void q4_rows(const float* x, int64_t K, const uint8_t* w, const float* scale, co
     }
   }
   for (int r = 0; r < R; ++r) {
-    float out = hsum(total[r]);
-    for (int64_t g = 0; g < G; ++g) out += offset[o * G + g] * xsum[r * G + g];
-    y[r * N + o] = out;
+    y[r * N + o] = plus_offsets(hsum(total[r]), offset + o * G, xsum + r * G, G);
   }
 }
 
@@ -98,10 +109,30 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* 
 // 32-input blocks sum to at most 30480, inside int16, before they are widened
 constexpr int kBlocksInInt16 = 8;
 
+// shared by the AVX2 and VNNI paths of the 8-bit kernels (inlined into both): a block's 32 4-bit weights as
+// bytes in input order (inputs b..b+15 in the low nibbles, b+16..b+31 in the high), a group's integer sums
+// scaled into the float totals, a row's output
+inline __m256i q4_bytes(const uint8_t* block) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+}
+
+template <int R>
+inline void add_group(__m256 (&total)[R], const __m256i (&acc)[R], float wscale, const float* xd, int64_t G) {
+  for (int r = 0; r < R; ++r)
+    total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(wscale * xd[r * G]), total[r]);
+}
+
+template <int R>
+inline void q4_outputs(const __m256 (&total)[R], const float* offset, const float* xsum, int64_t G, float* y,
+                       int64_t N, int64_t o) {
+  for (int r = 0; r < R; ++r) y[r * N + o] = plus_offsets(hsum(total[r]), offset + o * G, xsum + r * G, G);
+}
+
 template <int R>
 void q4q8_rows(const int8_t* xq, const float* xd, int64_t K, const uint8_t* w, const float* scale,
                const float* offset, const float* xsum, int64_t G, int64_t group, float* y, int64_t N, int64_t o) {
-  const __m128i low = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
@@ -114,24 +145,16 @@ void q4q8_rows(const int8_t* xq, const float* xd, int64_t K, const uint8_t* w, c
       __m256i part[R];
       for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_si256();
       for (int64_t b = start; b < stop; b += 32) {
-        __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b / 2));
-        // inputs b..b+15 (low nibbles), b+16..b+31 (high): the block's 32 weights in input order
-        __m256i ws = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+        const __m256i ws = q4_bytes(row + b / 2);
         for (int r = 0; r < R; ++r)
           part[r] = _mm256_add_epi16(
               part[r], _mm256_maddubs_epi16(ws, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b))));
       }
       for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[r], ones));
     }
-    const float s = scale[o * G + g];
-    for (int r = 0; r < R; ++r)
-      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(s * xd[r * G + g]), total[r]);
+    add_group<R>(total, acc, scale[o * G + g], xd + g, G);
   }
-  for (int r = 0; r < R; ++r) {
-    float out = hsum(total[r]);
-    for (int64_t g = 0; g < G; ++g) out += offset[o * G + g] * xsum[r * G + g];
-    y[r * N + o] = out;
-  }
+  q4_outputs<R>(total, offset, xsum, G, y, N, o);
 }
 
 // a pair of 8-bit products is at most 2 * 127 * 127 = 32258: each block is widened to int32 at once
@@ -154,10 +177,66 @@ void i8_rows(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, cons
         acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
       }
     }
-    for (int r = 0; r < R; ++r)
-      total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(xd[r * G + g]), total[r]);
+    add_group<R>(total, acc, 1.f, xd + g, G);
   }
   for (int r = 0; r < R; ++r) y[r * N + o] = hsum(total[r]) * wscale[o];
+}
+
+#define MEDASK_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// q4q8_rows with vpdpbusd: 4-bit values (unsigned) times 8-bit activations (signed), four products an int32 lane
+template <int R>
+MEDASK_VNNI void q4q8_rows_vnni(const int8_t* xq, const float* xd, int64_t K, const uint8_t* w, const float* scale,
+                                const float* offset, const float* xsum, int64_t G, int64_t group, float* y, int64_t N,
+                                int64_t o) {
+  __m256 total[R] = {};
+  const uint8_t* row = w + o * (K / 2);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[R] = {};
+    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+      const __m256i ws = q4_bytes(row + b / 2);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_dpbusd_epi32(acc[r], ws, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b)));
+    }
+    add_group<R>(total, acc, scale[o * G + g], xd + g, G);
+  }
+  q4_outputs<R>(total, offset, xsum, G, y, N, o);
+}
+
+// i8_rows with vpdpbusd: |w| (unsigned) times x negated where w < 0 (AVX-512 has no sign_epi8: a masked subtract)
+template <int R>
+MEDASK_VNNI void i8_rows_vnni(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, const float* wscale,
+                              int64_t G, int64_t group, float* y, int64_t N, int64_t o) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 total[R] = {};
+  const int8_t* row = w + o * K;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[R] = {};
+    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b));
+      const __m256i magnitude = _mm256_abs_epi8(wv);
+      const __mmask32 negative = _mm256_movepi8_mask(wv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b));
+        acc[r] = _mm256_dpbusd_epi32(acc[r], magnitude, _mm256_mask_sub_epi8(xv, negative, zero, xv));
+      }
+    }
+    add_group<R>(total, acc, 1.f, xd + g, G);
+  }
+  for (int r = 0; r < R; ++r) y[r * N + o] = hsum(total[r]) * wscale[o];
+}
+
+// whether the integer kernels take the VNNI path: on where the CPU has it, until use_vnni says otherwise
+bool vnni_present() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw");
+}
+std::atomic<bool> vnni_on{vnni_present()};
+
+// use_vnni(mode): 1 on (where present), 0 off, -1 unchanged; whether the VNNI path is on now
+bool use_vnni(int64_t mode) {
+  if (mode >= 0) vnni_on = mode == 1 && vnni_present();
+  return vnni_on;
 }
 
 template <int R>
@@ -262,10 +341,20 @@ at::Tensor q4q8_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tens
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float *sc = scale.data_ptr<float>(), *of = offset.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const bool vnni = vnni_on;
   over_tiles(M, N, [&](int64_t m, int64_t rows, int64_t o) {
     const int8_t* qr = qp + m * K;
     const float *dr = dp + m * G, *sr = sp + m * G;
     float* yr = yp + m * N;
+    if (vnni) {
+      switch (rows) {
+        case 4: q4q8_rows_vnni<4>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
+        case 3: q4q8_rows_vnni<3>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
+        case 2: q4q8_rows_vnni<2>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
+        default: q4q8_rows_vnni<1>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o);
+      }
+      return;
+    }
     switch (rows) {
       case 4: q4q8_rows<4>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
       case 3: q4q8_rows<3>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
@@ -287,10 +376,20 @@ at::Tensor i8_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
   const int8_t *qp = xr8.q.data_ptr<int8_t>(), *wp = w.data_ptr<int8_t>();
   const float *dp = xr8.step.data_ptr<float>(), *sc = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const bool vnni = vnni_on;
   over_tiles(M, N, [&](int64_t m, int64_t rows, int64_t o) {
     const int8_t* qr = qp + m * K;
     const float* dr = dp + m * G;
     float* yr = yp + m * N;
+    if (vnni) {
+      switch (rows) {
+        case 4: i8_rows_vnni<4>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
+        case 3: i8_rows_vnni<3>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
+        case 2: i8_rows_vnni<2>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
+        default: i8_rows_vnni<1>(qr, dr, K, wp, sc, G, group, yr, N, o);
+      }
+      return;
+    }
     switch (rows) {
       case 4: i8_rows<4>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
       case 3: i8_rows<3>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
@@ -329,6 +428,7 @@ TORCH_LIBRARY(medask_native, m) {
   m.def("q4q8_linear(Tensor x, Tensor w, Tensor scale, Tensor offset, int group) -> Tensor");
   m.def("i8_linear(Tensor x, Tensor w, Tensor scale, int group) -> Tensor");
   m.def("f16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("use_vnni(int mode) -> bool", &use_vnni);  // no tensor: one kernel for every dispatch key
 }
 
 TORCH_LIBRARY_IMPL(medask_native, CPU, m) {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine import kernels, kv
+from app.engine import kernels, kv, native
 from app.engine.base import GenerationJob, GenerationResult, SamplingParams
 from app.engine.batch import StaticDecodeBatch
 from app.engine.kernels import AUTO_KERNELS
@@ -90,6 +90,9 @@ def test_every_kernel_gives_the_models_answers(
     info = engine.info()["decode"]
     assert info["decode_weights"] == {"1-4 rows": d.decode_small, "more rows": d.decode_large}
     assert info["cpu_flags"] is not None
+    # the 8-bit kernels' instructions, said with the flags that chose them
+    vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= native.reported_flags()
+    assert info["integer_dot"] == (None if native.load() else "vnni" if vnni else "avx2")
     got = engine.generate(jobs(engine))
     for g, w in zip(got, reference.generate(jobs(reference)), strict=True):
         assert g.token_ids == w.token_ids

@@ -137,3 +137,54 @@ def test_a_changed_source_is_a_new_library(monkeypatch: pytest.MonkeyPatch, tmp_
     first = native.library_path()
     sources[1].write_text("// two\n")  # either source
     assert native.library_path() != first and native.library_path().name == "medask_native.so"
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx512vl", "avx512bw")
+
+
+@pytest.fixture
+def vnni() -> None:
+    """The VNNI path where this CPU has it (auto again afterwards)."""
+    if any(f not in native.reported_flags() for f in VNNI_FLAGS):
+        pytest.skip("this CPU lacks AVX-512 VNNI: the 8-bit kernels run their AVX2 path only")
+    assert native.integer_dot("auto") == "vnni"
+    yield
+    native.integer_dot("auto")
+
+
+@pytest.mark.parametrize(("rows", "group"), [(1, 128), (2, 32), (3, 128), (4, 64), (5, 128), (16, 256)])
+def test_vnni_gives_the_avx2_paths_outputs_bit_for_bit(vnni: None, rows: int, group: int) -> None:
+    """vpdpbusd sums the same four byte products per int32 lane as maddubs + madd (no saturation is
+    reachable), and the float arithmetic after it is shared: equal outputs, not merely close. Extremes
+    included: activations whose largest magnitude rounds to +-127, weights of -127, 0 and 127, 4-bit 0 and 15."""
+    weight, scale, zero = four_bit(80, 512, group, seed=rows)
+    weight[0, :group] = zero[0, 0] + 7 * scale[0, 0]  # every 4-bit value 15 in a group
+    x = torch.randn(rows, 512) * torch.logspace(-3, 2, rows)[:, None]
+    x[0, 5] = -x[0].abs().max() * 2  # a group whose largest magnitude is negative: -127 after rounding
+    dense = torch.randn(48, 512)
+    dense[1] = 0.0
+    dense[2, ::2] = -dense[2].abs().max()  # -127
+    packed = (kernels.Packed("int4x8-avx2", weight, (scale, zero)), kernels.Packed("int8-avx2", dense))
+    on = [p(x) for p in packed]
+    assert native.integer_dot("avx2") == "avx2"
+    off = [p(x) for p in packed]
+    for a, b in zip(on, off, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_integer_dot_is_named_and_a_forced_vnni_that_cannot_run_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="integer dot 'sse': one of auto, vnni, avx2"):
+        native.integer_dot("sse")
+    has_vnni = all(f in native.reported_flags() for f in VNNI_FLAGS)
+    assert native.integer_dot("auto") == ("vnni" if has_vnni else "avx2")
+    assert native.integer_dot("avx2") == "avx2"
+    if not has_vnni:  # the AVX2-only machines: forced, it is a start-up error with the reason
+        with pytest.raises(ValueError, match="this CPU lacks AVX-512 VNNI"):
+            native.integer_dot("vnni")
+    native.integer_dot("auto")
+    monkeypatch.setattr(native, "load", lambda: "this CPU lacks avx2")
+    assert native.integer_dot("auto") is None  # no library: nothing to choose, /info says null
+    with pytest.raises(ValueError, match="integer dot vnni: MedAsk's kernels are unavailable"):
+        native.integer_dot("vnni")
