@@ -136,7 +136,7 @@ def main() -> None:
             if r["prefill_ms"] is not None:
                 b["prefill_ms"] = min(float(b["prefill_ms"]), float(r["prefill_ms"]))
             if r["chosen"] not in str(b["chosen"]):
-                b["chosen"] = f"{b['chosen']} | {r['chosen']}"  # auto chose differently between starts
+                b["chosen"] = f"{b['chosen']} or {r['chosen']}"  # auto chose differently between starts
     rows = list(best.values())
     shipped = best["shipped defaults (auto)"]
     top = {k: max(float(r[k]) for r in rows) for k in ("tok_s_1", "tok_s_16")}

@@ -111,9 +111,10 @@ INTEGER_DOTS = ("auto", "vnni", "avx2")
 
 def integer_dot(choice: str = "auto") -> str | None:
     """Set which instructions the 8-bit kernels multiply bytes with in this process and say which: ``vnni``
-    (AVX-512 VNNI's vpdpbusd, one instruction per 32 products) or ``avx2`` (maddubs, madd, add). Both give the
-    same outputs bit for bit (kernels.cpp), so auto takes vnni wherever the CPU has it; None: no library here.
-    Forcing vnni on a CPU without it is a ValueError (a start-up error)."""
+    (AVX-512 VNNI's vpdpbusd, one instruction per 32 products, for tiles of 2-4 rows; one row measured no
+    faster) or ``avx2`` (maddubs, madd, add). Both give the same outputs bit for bit (kernels.cpp), so auto
+    takes vnni wherever the CPU has it; None: no library here. Forcing vnni on a CPU without it is a
+    ValueError (a start-up error)."""
     if choice not in INTEGER_DOTS:
         raise ValueError(f"integer dot {choice!r}: one of {', '.join(INTEGER_DOTS)}")
     if (why := load()) is not None:

@@ -18,10 +18,11 @@
 // one per 32): integer pair products (maddubs) summed over a group, then one float multiply-add per group. It changes the
 // arithmetic, so it is chosen only after the start-up check that admits 8-bit activations.
 //
-// Integer products on VNNI: where the CPU has AVX-512 VNNI (with VL), q4q8_linear and i8_linear sum their
-// byte products with one vpdpbusd per 32 inputs instead of maddubs, madd and add. Each int32 lane sums the same
-// four byte products either way (every sum is exact: no int16 saturation is reachable on these ranges), so the
-// outputs are bit for bit the AVX2 path's; use_vnni switches it off (tests compare the two, benchmarks time them).
+// Integer products on VNNI: where the CPU has AVX-512 VNNI (with VL), q4q8_linear and i8_linear sum the byte
+// products of tiles of 2-4 rows with one vpdpbusd per 32 inputs instead of maddubs, madd and add. Each int32
+// lane sums the same four byte products either way (every sum is exact: no int16 saturation is reachable on
+// these ranges), so the outputs are bit for bit the AVX2 path's; use_vnni switches it off (tests compare the
+// two, benchmarks time them).
 //
 // 4-bit layout (ggml's Q4_0 block order): inputs in blocks of 32; block b of output o is 16 bytes,
 // byte j holding input 32b+j in its low nibble and input 32b+16+j in its high nibble.
@@ -184,21 +185,53 @@ void i8_rows(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, cons
 
 #define MEDASK_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
+// Tiles of 2-4 rows only. At one row the AVX2 path measured faster on an AMD EPYC (Zen 4) with VNNI: 0.67-0.92x
+// for vpdpbusd on the default model's shapes, with one accumulator or four (where 4-16 rows measured 1.04-1.16x):
+// a row's few blocks per output leave the work around the dot products, not the products, deciding.
+// vpdpbusd's latency (4-5 cycles) on one accumulator would leave the units idle at two rows: C independent
+// chains per row, joined by integer adds (exact, so the lanes' sums are the AVX2 path's)
+constexpr int chains(int R) { return R <= 2 ? 2 : 1; }
+
+// blocks of 32 inputs from begin to end, chain c taking every C-th: C at a time in an unrolled body (so each
+// accumulator stays in a register), the rest on chain 0
+template <int C, typename F>
+__attribute__((always_inline)) inline void over_blocks(int64_t begin, int64_t end, F&& block) {
+  int64_t b = begin;
+  for (; b + 32 * C <= end; b += 32 * C)
+    for (int c = 0; c < C; ++c) block(b + 32 * c, c);
+  for (; b < end; b += 32) block(b, 0);
+}
+
+template <int R, int C>
+inline auto joined(const __m256i (&acc)[R][C]) {
+  struct {
+    __m256i v[R];
+  } out;
+  for (int r = 0; r < R; ++r) {
+    out.v[r] = acc[r][0];
+    for (int c = 1; c < C; ++c) out.v[r] = _mm256_add_epi32(out.v[r], acc[r][c]);
+  }
+  return out;
+}
+
 // q4q8_rows with vpdpbusd: 4-bit values (unsigned) times 8-bit activations (signed), four products an int32 lane
 template <int R>
 MEDASK_VNNI void q4q8_rows_vnni(const int8_t* xq, const float* xd, int64_t K, const uint8_t* w, const float* scale,
                                 const float* offset, const float* xsum, int64_t G, int64_t group, float* y, int64_t N,
                                 int64_t o) {
+  constexpr int C = chains(R);
   __m256 total[R] = {};
   const uint8_t* row = w + o * (K / 2);
   for (int64_t g = 0; g < G; ++g) {
-    __m256i acc[R] = {};
-    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+    __m256i acc[R][C] = {};
+    const auto block = [&](int64_t b, int c) MEDASK_VNNI {
       const __m256i ws = q4_bytes(row + b / 2);
       for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_dpbusd_epi32(acc[r], ws, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b)));
-    }
-    add_group<R>(total, acc, scale[o * G + g], xd + g, G);
+        acc[r][c] =
+            _mm256_dpbusd_epi32(acc[r][c], ws, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b)));
+    };
+    over_blocks<C>(g * group, (g + 1) * group, block);
+    add_group<R>(total, joined<R, C>(acc).v, scale[o * G + g], xd + g, G);
   }
   q4_outputs<R>(total, offset, xsum, G, y, N, o);
 }
@@ -208,20 +241,22 @@ template <int R>
 MEDASK_VNNI void i8_rows_vnni(const int8_t* xq, const float* xd, int64_t K, const int8_t* w, const float* wscale,
                               int64_t G, int64_t group, float* y, int64_t N, int64_t o) {
   const __m256i zero = _mm256_setzero_si256();
+  constexpr int C = chains(R);
   __m256 total[R] = {};
   const int8_t* row = w + o * K;
   for (int64_t g = 0; g < G; ++g) {
-    __m256i acc[R] = {};
-    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+    __m256i acc[R][C] = {};
+    const auto block = [&](int64_t b, int c) MEDASK_VNNI {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b));
       const __m256i magnitude = _mm256_abs_epi8(wv);
       const __mmask32 negative = _mm256_movepi8_mask(wv);
       for (int r = 0; r < R; ++r) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b));
-        acc[r] = _mm256_dpbusd_epi32(acc[r], magnitude, _mm256_mask_sub_epi8(xv, negative, zero, xv));
+        acc[r][c] = _mm256_dpbusd_epi32(acc[r][c], magnitude, _mm256_mask_sub_epi8(xv, negative, zero, xv));
       }
-    }
-    add_group<R>(total, acc, 1.f, xd + g, G);
+    };
+    over_blocks<C>(g * group, (g + 1) * group, block);
+    add_group<R>(total, joined<R, C>(acc).v, 1.f, xd + g, G);
   }
   for (int r = 0; r < R; ++r) y[r * N + o] = hsum(total[r]) * wscale[o];
 }
@@ -346,12 +381,11 @@ at::Tensor q4q8_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tens
     const int8_t* qr = qp + m * K;
     const float *dr = dp + m * G, *sr = sp + m * G;
     float* yr = yp + m * N;
-    if (vnni) {
+    if (vnni && rows > 1) {  // one row: the AVX2 path measured faster (above)
       switch (rows) {
         case 4: q4q8_rows_vnni<4>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
         case 3: q4q8_rows_vnni<3>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
-        case 2: q4q8_rows_vnni<2>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o); break;
-        default: q4q8_rows_vnni<1>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o);
+        default: q4q8_rows_vnni<2>(qr, dr, K, wp, sc, of, sr, G, group, yr, N, o);
       }
       return;
     }
@@ -381,12 +415,11 @@ at::Tensor i8_linear(const at::Tensor& x_, const at::Tensor& w, const at::Tensor
     const int8_t* qr = qp + m * K;
     const float* dr = dp + m * G;
     float* yr = yp + m * N;
-    if (vnni) {
+    if (vnni && rows > 1) {  // one row: the AVX2 path measured faster (above)
       switch (rows) {
         case 4: i8_rows_vnni<4>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
         case 3: i8_rows_vnni<3>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
-        case 2: i8_rows_vnni<2>(qr, dr, K, wp, sc, G, group, yr, N, o); break;
-        default: i8_rows_vnni<1>(qr, dr, K, wp, sc, G, group, yr, N, o);
+        default: i8_rows_vnni<2>(qr, dr, K, wp, sc, G, group, yr, N, o);
       }
       return;
     }
