@@ -302,10 +302,13 @@ def test_chunked_prompts_and_kept_prefixes_keep_the_answers(ci_checkpoint: Path,
         return out
 
     engine.generate(first, admit=admit, on_finish=lambda job, r: finished.__setitem__(id(job), r), max_rows=4)
+    # against the float32 cache: a float16 cache's log-probs within its rounding, as in the test above (1.3e-3
+    # seen on an AVX-512 BF16 CPU without AMX, where the bfloat16 prompt kernel rounds differently)
+    tol = 1e-3 if cache == "float32" else 5e-3
     for job in first + admitted:
         solo = static.generate([GenerationJob(job.prompt_ids, job.params)])[0]
         assert finished[id(job)].token_ids == solo.token_ids
-        assert finished[id(job)].logprobs == pytest.approx(solo.logprobs, abs=1e-3)
+        assert finished[id(job)].logprobs == pytest.approx(solo.logprobs, abs=tol)
     # a prompt admitted while rows decode advanced between their steps, not all at once
     assert calls.count("extend") > len(first + admitted)  # prompts ran in chunks
     middle = calls[calls.index("decode") :]
