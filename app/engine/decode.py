@@ -51,10 +51,8 @@ LENGTH_STEP = 64
 
 
 # decode kernels within this factor of the best on one projection (at most STEP_RETIME_MOST of them, the
-# fastest there) are timed again over a whole one-row step
-STEP_RETIME_WITHIN = 3.0
-STEP_RETIME_MOST = 3
-STEP_RETIME_ROUNDS = 4
+# fastest there) are timed again over a whole one-row step, in rounds (8: 4 let one busy moment pick, 30 ms each)
+STEP_RETIME_WITHIN, STEP_RETIME_MOST, STEP_RETIME_ROUNDS = 3.0, 3, 8
 
 # kernels of 8-bit activations (and a float16 KV cache) may be chosen automatically only within this change
 # of bits/byte (issue 28)
@@ -180,8 +178,6 @@ class StaticDecoder:
                 head, max_rows, [k for k in candidates if k not in kernels.FOUR_BIT]
             )
             self.head = Head(head, small, large)
-        if decode_weights == "auto":
-            self.decode_small = self._retime_small(projections, self.weight_timing.get("small", {}))
         for proj in projections:
             proj.use(self.decode_small, self.decode_large, self.prompt_weights)
         self.kv_check: dict[str, Any] | None = None
@@ -190,6 +186,10 @@ class StaticDecoder:
         if kv_cache == "auto":
             kv_cache = self._choose_kv(int8_probe, half_why)
         self._allocate(max_rows, kv_cache)
+        if decode_weights == "auto":  # whole steps, timed with the cache they will be served with
+            self.decode_small = self._retime_small(projections, self.weight_timing.get("small", {}))
+            for proj in projections:
+                proj.use(self.decode_small, self.decode_large, self.prompt_weights)
         self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
         # kept prompt prefixes (0 bytes: none kept)
         self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
@@ -273,12 +273,12 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _retime_small(self, projections: Sequence[Projection], timings: dict[str, float]) -> str:
-        """The one-row decode kernel, timed over a whole step: among the kernels whose time on the largest
-        projection alone is within STEP_RETIME_WITHIN of the best (the STEP_RETIME_MOST fastest there: each
-        costs a second of start-up), the fastest one-row step (eager, every
-        layer and the LM head). One projection alone misses what every layer's weights together cost in
-        the CPU's caches: on the AVX2 machine it ranked float16 (twice int4-avx2's bytes) first, where a
-        whole step ran 25% faster through int4-avx2. Times kept in ``weight_timing["small_step"]``."""
+        """The one-row decode kernel, timed over whole eager steps with the LM head and KV cache as served, among
+        the STEP_RETIME_MOST kernels fastest on one projection (within STEP_RETIME_WITHIN of the best): one
+        projection misses every layer's weights in the CPU's caches (AVX2: float16 first there, int4-avx2 25%
+        faster a step); the start-up's one-slot float32 cache put torch's attention in half of each step and the
+        ranking flipped between starts (Zen 4: int4 at 1.63 ms over int8-avx2's 2.15, where steps as served took
+        1.46-1.93 against 1.14-1.22). Times kept in ``weight_timing["small_step"]``."""
         if not timings:
             return self.decode_small
         best = min(timings.values())

@@ -360,3 +360,27 @@ def test_int8_is_an_automatic_choice_only_when_it_passes_the_check_at_start(
         assert check["kernels"]["int4x8-avx2"]["lm_head"] == ("int8" if bound > 0 else "float32")
     assert ("int8" in d.head_timing["small"]) is (bound > 0)
     assert "int4x8-avx2" not in d.head_timing["large"]  # a 4-bit kernel: never the LM head
+
+
+def test_the_one_row_kernel_is_timed_with_the_cache_it_will_serve(
+    ci_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Auto's whole-step timing of the one-row kernels runs with the KV cache as served (its dtype, every slot),
+    not the one-slot float32 cache of the start-up checks: there torch's attention was half of each step and the
+    choice flipped between starts."""
+    from app.engine.decode import StaticDecoder
+
+    seen: list[tuple[str, int]] = []
+    retime = StaticDecoder._retime_small
+
+    def spy(self: StaticDecoder, *args: object) -> str:
+        seen.append((self.kv_cache, self.keys[0].shape[0]))
+        return retime(self, *args)
+
+    monkeypatch.setattr(StaticDecoder, "_retime_small", spy)
+    engine = Engine.load(ci_checkpoint)
+    engine.use_static_decoder(max_rows=4, decode_weights="auto", kv_cache="auto", int8_probe=QUESTIONS)
+    d = engine.decoder
+    assert d is not None and seen == [(d.kv_cache, 4)]
+    if steps := d.weight_timing.get("small_step"):  # none when one kernel alone was near the best
+        assert d.decode_small == min(steps, key=steps.__getitem__)
