@@ -97,7 +97,10 @@ class Settings(BaseSettings):
         "Q8 arithmetic; int8-avx2: int8 in MedAsk's C++ kernel; the 8-bit kernels only when named or admitted by "
         "int8_auto); auto: the others are timed at start on this CPU and the fastest kept",
     )
-    prompt_weights: WeightKernel = Field("auto", description="the same choice for prompts (many rows at once)")
+    prompt_weights: WeightKernel = Field(
+        "auto",
+        description="the same choice for prompts (many rows at once); auto re-times the nearest over whole prefills",
+    )
     dense_weights_mb: int = Field(
         1024, ge=0, le=1 << 20, description="most memory for dense copies of the 4-bit weights (per copy kind)"
     )

@@ -45,14 +45,11 @@ from app.engine import kernels, kv
 from app.engine.compiled import compile_step
 from app.engine.layers import SMALL_ROWS, Head, Projection, choose_head, choose_paths
 from app.engine.prefix import PrefixCache
+from app.engine.retime import retime
 
 # attended lengths are rounded up to a multiple of this: fewer distinct shapes, little waste
 LENGTH_STEP = 64
 
-
-# decode kernels within this factor of the best on one projection (at most STEP_RETIME_MOST of them, the
-# fastest there) are timed again over a whole one-row step, in rounds (8: 4 let one busy moment pick, 30 ms each)
-STEP_RETIME_WITHIN, STEP_RETIME_MOST, STEP_RETIME_ROUNDS = 3.0, 3, 8
 
 # kernels of 8-bit activations (and a float16 KV cache) may be chosen automatically only within this change
 # of bits/byte (issue 28)
@@ -186,8 +183,13 @@ class StaticDecoder:
         if kv_cache == "auto":
             kv_cache = self._choose_kv(int8_probe, half_why)
         self._allocate(max_rows, kv_cache)
-        if decode_weights == "auto":  # whole steps, timed with the cache they will be served with
-            self.decode_small = self._retime_small(projections, self.weight_timing.get("small", {}))
+        # whole one-row steps and prefills, timed with the cache as served (app.engine.retime); use() frees the rest
+        if decode_weights == "auto":
+            self.decode_small = retime(self, projections, "small")
+            for proj in projections:
+                proj.use(self.decode_small, self.decode_large, self.prompt_weights)
+        if prompt_weights == "auto":
+            self.prompt_weights = retime(self, projections, "prompt")
             for proj in projections:
                 proj.use(self.decode_small, self.decode_large, self.prompt_weights)
         self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
@@ -270,35 +272,6 @@ class StaticDecoder:
             "kernels": checked,
             "admitted": [k for k, v in checked.items() if v["admitted"]],
         }
-
-    @torch.inference_mode()
-    def _retime_small(self, projections: Sequence[Projection], timings: dict[str, float]) -> str:
-        """The one-row decode kernel, timed over whole eager steps with the LM head and KV cache as served, among
-        the STEP_RETIME_MOST kernels fastest on one projection (within STEP_RETIME_WITHIN of the best): one
-        projection misses every layer's weights in the CPU's caches (AVX2: float16 first there, int4-avx2 25%
-        faster a step); the start-up's one-slot float32 cache put torch's attention in half of each step and the
-        ranking flipped between starts (Zen 4: int4 at 1.63 ms over int8-avx2's 2.15, where steps as served took
-        1.46-1.93 against 1.14-1.22). Times kept in ``weight_timing["small_step"]``."""
-        if not timings:
-            return self.decode_small
-        best = min(timings.values())
-        near = sorted((t, k) for k, t in timings.items() if t <= STEP_RETIME_WITHIN * best)
-        contenders = [k for _, k in near[:STEP_RETIME_MOST]]
-        if len(contenders) < 2:
-            return self.decode_small
-        for proj in projections:  # each within the dense budget; the ones not chosen are freed by use()
-            for kernel in contenders:
-                proj.prepare(kernel)
-
-        def step_through(kernel: str) -> None:
-            for proj in projections:
-                proj.small_path = proj.large_path = kernel
-            self.step(*self._probe_step())
-
-        calls = {k: (lambda k=k: step_through(k)) for k in contenders}
-        step_ms = kernels.time_interleaved(calls, reps=5, rounds=STEP_RETIME_ROUNDS)
-        self.weight_timing["small_step"] = step_ms
-        return kernels.fastest(step_ms, contenders)
 
     def _probe_step(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Arguments of a one-row step at a typical answer's length (slot 0; its cache is scratch at start)."""

@@ -362,25 +362,30 @@ def test_int8_is_an_automatic_choice_only_when_it_passes_the_check_at_start(
     assert "int4x8-avx2" not in d.head_timing["large"]  # a 4-bit kernel: never the LM head
 
 
-def test_the_one_row_kernel_is_timed_with_the_cache_it_will_serve(
+def test_the_one_row_and_prompt_kernels_are_timed_with_the_cache_they_will_serve(
     ci_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Auto's whole-step timing of the one-row kernels runs with the KV cache as served (its dtype, every slot),
-    not the one-slot float32 cache of the start-up checks: there torch's attention was half of each step and the
-    choice flipped between starts."""
-    from app.engine.decode import StaticDecoder
+    """Auto's whole-step timing of the one-row kernels and whole-prefill timing of the prompt kernels run with the
+    KV cache as served (its dtype, every slot), not the one-slot float32 cache of the start-up checks: there
+    torch's attention was half of each step and the choice flipped between starts. Each choice is the least
+    time measured, and /info carries the times."""
+    import app.engine.decode as decode_module
 
-    seen: list[tuple[str, int]] = []
-    retime = StaticDecoder._retime_small
+    seen: list[tuple[str, str, int]] = []
+    retime = decode_module.retime
 
-    def spy(self: StaticDecoder, *args: object) -> str:
-        seen.append((self.kv_cache, self.keys[0].shape[0]))
-        return retime(self, *args)
+    def spy(decoder: object, projections: object, kind: str) -> str:
+        seen.append((kind, decoder.kv_cache, decoder.keys[0].shape[0]))  # type: ignore[attr-defined]
+        return retime(decoder, projections, kind)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(StaticDecoder, "_retime_small", spy)
+    monkeypatch.setattr(decode_module, "retime", spy)
     engine = Engine.load(ci_checkpoint)
-    engine.use_static_decoder(max_rows=4, decode_weights="auto", kv_cache="auto", int8_probe=QUESTIONS)
+    engine.use_static_decoder(
+        max_rows=4, decode_weights="auto", prompt_weights="auto", kv_cache="auto", int8_probe=QUESTIONS
+    )
     d = engine.decoder
-    assert d is not None and seen == [(d.kv_cache, 4)]
-    if steps := d.weight_timing.get("small_step"):  # none when one kernel alone was near the best
-        assert d.decode_small == min(steps, key=steps.__getitem__)
+    assert d is not None and seen == [("small", d.kv_cache, 4), ("prompt", d.kv_cache, 4)]
+    for kind, chosen in (("small_step", d.decode_small), ("prompt_step", d.prompt_weights)):
+        if steps := d.weight_timing.get(kind):  # none when one kernel alone was near the best
+            assert chosen == min(steps, key=steps.__getitem__)
+            assert engine.info()["decode"]["weight_timing_ms"][kind] == steps
