@@ -14,15 +14,26 @@ over int8-avx2's 2.15, where steps as served took 1.46-1.93 against 1.14-1.22).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from app.engine import kernels
 from app.engine.layers import PROMPT_PROBE_ROWS, Projection
 
-if TYPE_CHECKING:
-    from app.engine.decode import StaticDecoder
+
+class Decoder(Protocol):
+    """What the retime uses of ``app.engine.decode.StaticDecoder`` (named here, not imported: decode imports this)."""
+
+    weight_timing: dict[str, dict[str, float]]
+    decode_small: str
+    prompt_weights: str
+    context: int
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor, n: int, attended: int) -> torch.Tensor: ...
+    def extend(self, slot: int, ids: Sequence[int], start: int, every: bool = False) -> torch.Tensor: ...
+    def _probe_step(self) -> tuple[Any, ...]: ...
+
 
 # kernels within this factor of the best on one projection (at most STEP_RETIME_MOST of them, the fastest there)
 # are timed again, in rounds (8: with 4, one busy moment of a 2-core machine could pick; a round is about 30 ms)
@@ -32,7 +43,7 @@ PROMPT_RETIME_ROUNDS = 4
 
 
 @torch.inference_mode()
-def retime(decoder: StaticDecoder, projections: Sequence[Projection], kind: str) -> str:
+def retime(decoder: Decoder, projections: Sequence[Projection], kind: str) -> str:
     """The ``small`` (one-row decode) or ``prompt`` kernel for ``decoder``, timed as served; its times kept in
     ``decoder.weight_timing["<kind>_step"]``. Fewer than two near candidates: the current choice stands. Leaves
     the projections' paths pointing at the last candidate timed: the caller sets them (``Projection.use``)."""
