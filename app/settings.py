@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     integer_dot: Literal["auto", "vnni", "avx2"] = Field(
         "auto",
         description="the instructions MedAsk's 8-bit kernels (int8-avx2, int4x8-avx2) multiply bytes with: vnni "
-        "(AVX-512 VNNI) or avx2; the same outputs bit for bit, so auto takes vnni wherever the CPU has it (/info "
+        "(AVX-512 VNNI, for tiles of 2-4 rows; one row stays on avx2) or avx2; the same outputs bit for bit, so auto takes vnni wherever the CPU has it (/info "
         "decode.integer_dot); vnni on a CPU without it is a start-up error",
     )
     prefix_cache_mb: int = Field(

@@ -175,8 +175,7 @@ class StaticDecoder:
                 head, max_rows, [k for k in candidates if k not in kernels.FOUR_BIT]
             )
             self.head = Head(head, small, large)
-        for proj in projections:
-            proj.use(self.decode_small, self.decode_large, self.prompt_weights)
+        self._use(projections)
         self.kv_check: dict[str, Any] | None = None
         self.kv_timing: dict[str, dict[str, float]] = {}
         self.kv_note = half_why or ""
@@ -186,12 +185,10 @@ class StaticDecoder:
         # whole one-row steps and prefills, timed with the cache as served (app.engine.retime); use() frees the rest
         if decode_weights == "auto":
             self.decode_small = retime(self, projections, "small")
-            for proj in projections:
-                proj.use(self.decode_small, self.decode_large, self.prompt_weights)
+            self._use(projections)
         if prompt_weights == "auto":
             self.prompt_weights = retime(self, projections, "prompt")
-            for proj in projections:
-                proj.use(self.decode_small, self.decode_large, self.prompt_weights)
+            self._use(projections)
         self.dense_bytes = sum(p.bytes(k) for p in projections for k in p.packed)
         # kept prompt prefixes (0 bytes: none kept)
         self.prefix = PrefixCache(prefix_bytes) if prefix_bytes > 0 else None
@@ -200,6 +197,11 @@ class StaticDecoder:
         if compile:
             self._step = compile_step(self.step)  # guards on its arguments only (app.engine.compiled)
             self.compiled = True
+
+    def _use(self, projections: Sequence[Projection]) -> None:
+        """Every projection on the chosen kernels; copies no path uses are freed (``Projection.use``)."""
+        for proj in projections:
+            proj.use(self.decode_small, self.decode_large, self.prompt_weights)
 
     def _allocate(self, rows: int, dtype: str) -> None:
         self.kv_cache, self.kv_half = dtype, dtype == "float16"

@@ -20,8 +20,8 @@ and on the layer's shape, so each is timed at start (``app.engine.layers.choose_
 - ``int4x8-avx2``: ``int4-avx2``'s weights times activations rounded to 8 bits per row and group of
   inputs, integer pair products (``maddubs``) summed over a group: the arithmetic of ggml's Q4 x Q8
   dot, about 1.2-1.5x ``int4-avx2``'s speed at one row here. It changes the arithmetic, so it is
-  checked at start like int8. Where the CPU has AVX-512 VNNI, it and ``int8-avx2`` sum byte products with
-  ``vpdpbusd`` instead (the same outputs bit for bit; ``app.engine.native.integer_dot``).
+  checked at start like int8. Where the CPU has AVX-512 VNNI, it and ``int8-avx2`` sum the byte products of
+  tiles of 2-4 rows with ``vpdpbusd`` instead (the same outputs bit for bit; ``app.engine.native.integer_dot``).
 - ``int8-avx2``: int8's weights (one scale per output) times 8-bit activations per row and group, in
   MedAsk's C++ kernel (ggml's Q8_0 x Q8_0 dot): for the LM head, which the checkpoint keeps in 16 bits,
   without FBGEMM's Python operator around each call. Checked at start like int8.
