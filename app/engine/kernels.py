@@ -27,7 +27,9 @@ and on the layer's shape, so each is timed at start (``app.engine.layers.choose_
   without FBGEMM's Python operator around each call. Checked at start like int8.
 - ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
   channel, activations quantized per row on a fixed grid (``_int8_rows``), integer dot products
-  (VNNI where present): the arithmetic ggml's Q8_0 dot uses.
+  (VNNI where present): the arithmetic ggml's Q8_0 dot uses. Where the native library is loaded, the
+  per-row scaling around FBGEMM's product runs in C++ (``medask_native::int8_rows``, the same outputs bit
+  for bit): one call instead of eleven from Python, which a compiled step makes without the interpreter lock.
 
 The 8-bit-activation kernels (``EIGHT_BIT``) change the arithmetic: auto may choose one only when, at
 start, it scores text beside the checkpoint within +0.5% of the 4-bit kernel (``/info``
@@ -38,8 +40,9 @@ library was built and the CPU has AVX2, FMA and F16C (``app.engine.native.load``
 FBGEMM's ops are deprecated upstream (torch's quantized tensors) but present in the pinned torch;
 an op that is missing or fails is not a candidate, and forcing it is a start-up error. Their packed
 weights are TorchScript objects that torch.compile cannot trace, so a compiled step reaches them
-through one operator (``medask::packed_linear``) that takes an index into a table of packed
-weights: an opaque call with a known output shape. Eager calls go to FBGEMM directly.
+through one operator that takes an index into a table of packed weights: an opaque call with a known
+output shape (``medask_native::int8_rows`` for int8 where the native library is loaded, its table in
+C++; else ``medask::packed_linear``). Eager calls go to FBGEMM directly.
 """
 
 from __future__ import annotations
@@ -147,6 +150,13 @@ def _multiply(kernel: str, x: torch.Tensor, packed: Any) -> torch.Tensor:
     raise KernelError(f"unknown kernel {kernel!r}")
 
 
+def _native_rows() -> bool:
+    """Whether app.engine.native's int8_rows runs here (its library loaded); else _int8_rows in Python."""
+    from app.engine import native
+
+    return native.load() is None
+
+
 def eight_bit_group(in_features: int) -> int:
     """Inputs per activation scale in ``int8-avx2`` (128 as GPTQ's groups, where they divide the row)."""
     return 128 if in_features % 128 == 0 else 32
@@ -201,13 +211,22 @@ class Packed:
         packed = _pack(kernel, weight, groups)
         # tensors (a weight, or int4-avx2's three operands) a compiled graph can trace
         self.traceable = None if kernel in FBGEMM else packed
+        self.fbgemm = packed if kernel in FBGEMM else None  # FBGEMM's TorchScript object (its weights)
         self.index = -1
-        if self.traceable is None:  # a TorchScript object: reached through the operator when compiled
+        # int8 through app.engine.native's int8_rows where the library is loaded: the same outputs bit for bit
+        # as _int8_rows, one C++ call (eager or compiled) instead of eleven torch calls from Python
+        self.native = -1
+        if kernel == "int8" and _native_rows():
+            self.native = int(torch.ops.medask_native.keep_int8(packed))
+            weakref.finalize(self, torch.ops.medask_native.drop_int8, self.native)
+        elif self.traceable is None:  # a TorchScript object: reached through the operator when compiled
             self.index = next(_NEXT)
             _TABLE[self.index] = packed
             weakref.finalize(self, _TABLE.pop, self.index, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native >= 0:
+            return torch.ops.medask_native.int8_rows(x, self.native, self.out_features)
         if self.traceable is not None:
             return _multiply(self.kernel, x, self.traceable)
         if torch.compiler.is_compiling():  # the operator is what the compiled graph can call

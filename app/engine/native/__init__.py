@@ -1,5 +1,6 @@
 """MedAsk's own CPU kernels (``kernels.cpp``: matrix products; ``attention.cpp``: decode attention over a
-float16 KV cache): built once at install, loaded when the step starts.
+float16 KV cache; ``fbgemm_rows.cpp``: FBGEMM's int8 GEMM with per-row activation scales): built once at
+install, loaded when the step starts.
 
     python -m app.engine.native build      # `make install` runs it (g++ and ninja; about 15 s)
 
@@ -8,8 +9,10 @@ so a stale build is never loaded) through a temporary folder renamed into place:
 leaves nothing that looks finished. Nothing is compiled while serving: a service without the library
 (no compiler at install, a CPU without AVX2/FMA/F16C) keeps every other kernel, and ``/info`` and a
 forced setting say why these are missing. Operators: ``torch.ops.medask_native.q4_linear``,
-``q4q8_linear``, ``i8_linear``, ``f16_linear``, ``decode_attention`` (C++, so a compiled step calls them
-without a Python body); ``use_vnni`` (``integer_dot``) picks the instructions of the 8-bit kernels' byte products.
+``q4q8_linear``, ``i8_linear``, ``f16_linear``, ``decode_attention``, ``int8_rows`` (FBGEMM's int8 GEMM
+with per-row activation scales, ``fbgemm_rows.cpp``; its weights kept by ``keep_int8``) (C++, so a compiled
+step calls them without a Python body); ``use_vnni`` (``integer_dot``) picks the instructions of the 8-bit
+kernels' byte products.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("attention.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.cpp", "attention.cpp", "fbgemm_rows.cpp"))
 NAME = "medask_native"
 # the instruction sets the kernels are compiled for (-mavx2 -mfma -mf16c): every AVX2 CPU since 2013
 NEEDS = ("avx2", "fma", "f16c")
@@ -102,6 +105,7 @@ def load() -> str | None:
     torch.library.register_fake(f"{NAME}::i8_linear")(_rows_by_out)
     torch.library.register_fake(f"{NAME}::f16_linear")(_rows_by_out)
     torch.library.register_fake(f"{NAME}::decode_attention")(_like_query)
+    torch.library.register_fake(f"{NAME}::int8_rows")(_rows_of)
     return None
 
 
@@ -129,6 +133,10 @@ def integer_dot(choice: str = "auto") -> str | None:
 
 def _rows_by_out(x: torch.Tensor, w: torch.Tensor, *rest: object) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _rows_of(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
 
 def _like_query(q: torch.Tensor, *rest: object) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_an_int8_row_does_not_depend_on_its_batch_mates() -> None:
 
 def packed_weight(packed: kernels.Packed) -> torch.Tensor:
     """The int8 weights FBGEMM holds, as float32 (per-channel scales applied)."""
-    weight, _ = torch.ops.quantized.linear_unpack(kernels._TABLE[packed.index])
+    weight, _ = torch.ops.quantized.linear_unpack(packed.fbgemm)
     return weight.dequantize()
 
 

@@ -6,6 +6,8 @@ graph; weights off the 4-bit grid and a CPU without the instruction sets are ref
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -188,3 +190,49 @@ def test_the_integer_dot_is_named_and_a_forced_vnni_that_cannot_run_is_refused(
     assert native.integer_dot("auto") is None  # no library: nothing to choose, /info says null
     with pytest.raises(ValueError, match="integer dot vnni: MedAsk's kernels are unavailable"):
         native.integer_dot("vnni")
+
+
+@pytest.mark.parametrize(("rows", "inputs"), [(1, 512), (2, 64), (5, 100), (16, 512), (37, 1536), (210, 512)])
+def test_int8_in_cpp_gives_the_python_path_outputs_bit_for_bit(rows: int, inputs: int) -> None:
+    """FBGEMM's int8 GEMM with per-row scales, in C++ (fbgemm_rows.cpp): every row's largest magnitude, the
+    row divided by it, the [-1, 1] row beside them, FBGEMM's product, times the scale again: the same floats
+    as the Python path (kernels._int8_rows) for any row count and width (vector tails included), zero rows,
+    huge and tiny magnitudes."""
+    g = torch.Generator().manual_seed(rows * 1000 + inputs)
+    weight = torch.randn(96, inputs, generator=g)
+    x = torch.randn(rows, inputs, generator=g) * torch.logspace(-6, 6, rows)[:, None]
+    x[0, : inputs // 2] = 0.0
+    if rows > 1:
+        x[1] = 0.0  # a zero row: its scale is the floor, its outputs zero
+    packed = kernels.Packed("int8", weight)
+    assert packed.native >= 0  # the library is loaded: the C++ path serves int8
+    got = packed(x)
+    assert torch.equal(got, kernels._int8_rows(x, kernels._pack("int8", weight)))
+    assert got.shape == (rows, 96) and got.dtype == torch.float32
+
+
+def test_int8_in_cpp_runs_inside_a_compiled_graph_and_frees_its_weight() -> None:
+    held = {"w": kernels.Packed("int8", torch.randn(48, 64))}
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return held["w"](torch.relu(x)) * 2
+
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
+    for rows in (1, 7):
+        x = torch.randn(rows, 64)
+        with torch.inference_mode():
+            assert torch.equal(compiled(x), net(x))
+    index = held["w"].native
+    held.clear()
+    torch._dynamo.reset()  # compiled code may keep what it traced
+    gc.collect()
+    with pytest.raises(RuntimeError, match=f"no packed weight {index}"):
+        torch.ops.medask_native.int8_rows(torch.randn(1, 64), index, 48)
+
+
+def test_int8_without_the_library_keeps_the_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "load", lambda: "not built")
+    weight, x = torch.randn(16, 64), torch.randn(3, 64)
+    packed = kernels.Packed("int8", weight)
+    assert packed.native == -1 and packed.index >= 0
+    assert torch.equal(packed(x), kernels._int8_rows(x, kernels._pack("int8", weight)))
