@@ -64,6 +64,22 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def native_bench_args(rounds: int = 5) -> Any:
+    """``--model`` and ``--rounds`` for a benchmark of MedAsk's C++ kernels; exits saying why where they are
+    unavailable (not built, or a CPU without AVX2)."""
+    import argparse
+
+    from app.engine import native
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="model_artifacts/default")
+    p.add_argument("--rounds", type=int, default=rounds)
+    args = p.parse_args()
+    if why := native.load():
+        sys.exit(f"MedAsk's kernels are unavailable: {why}")
+    return args
+
+
 def free_port() -> int:
     import socket
 

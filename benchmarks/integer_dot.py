@@ -11,7 +11,6 @@ Random weights of those shapes: the time does not depend on the values. Needs a 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -25,7 +24,7 @@ import torch
 
 from app.engine import native
 from app.engine.decode import cpu_flags
-from benchmarks.common import report
+from benchmarks.common import native_bench_args, report
 
 GROUP = 128
 
@@ -40,12 +39,7 @@ def least_ms(call: Callable[[], torch.Tensor], calls: int = 200) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="model_artifacts/default")
-    p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
-    if why := native.load():
-        sys.exit(f"MedAsk's kernels are unavailable: {why}")
+    args = native_bench_args()
     if native.integer_dot("auto") != "vnni":
         sys.exit("this CPU lacks AVX-512 VNNI: the 8-bit kernels have one path here")
     config = json.loads((Path(args.model) / "config.json").read_text())
