@@ -53,6 +53,20 @@ def penalised(logits: torch.Tensor, row: Row) -> torch.Tensor:
     return logits - counts * p.frequency_penalty - (counts > 0).to(logits.dtype) * p.presence_penalty
 
 
+def first_maxima(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (its first maximum; a row with NaN: its first NaN, as torch.argmax). numpy's on CPU
+    float32: 10 us for 16 rows of the shipped vocabulary, 1.6 us for one, where torch's takes 110 and 8.8
+    (its last-dimension argmax is not vectorised on CPU)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(-1).tolist()
+    return torch.argmax(logits, dim=-1).tolist()
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Argmax of the raw logits: greedy, no penalty."""
+    return params.temperature < MIN_TEMPERATURE and not (params.frequency_penalty or params.presence_penalty)
+
+
 def generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -90,7 +104,15 @@ class Sampler:
 
         Penalties change what is sampled; the log-probabilities reported stay those of the raw
         model (as vLLM's default), so perplexity means the same with or without them."""
-        tokens = [sample(penalised(logits[r], row), row.job.params, row.gen) for r, row in enumerate(rows)]
+        # greedy rows without penalties (the common case) take one argmax over the batch, not one call each
+        plain = [r for r, row in enumerate(rows) if _plain_greedy(row.job.params)]
+        picks: dict[int, int] = {}
+        if plain:
+            picks = dict(zip(plain, first_maxima(logits if len(plain) == len(rows) else logits[plain]), strict=True))
+        tokens = [
+            picks[r] if r in picks else sample(penalised(logits[r], row), row.job.params, row.gen)
+            for r, row in enumerate(rows)
+        ]
         lps = chosen_logprobs(logits, torch.tensor(tokens, device=logits.device)).tolist()
         for r, (row, token, lp) in enumerate(zip(rows, tokens, lps, strict=True)):
             k = row.job.params.top_logprobs

@@ -51,3 +51,31 @@ def test_streamed_pieces_are_the_final_text(shipped_tokenizer, stop: tuple[str, 
         assert "".join(pieces) == result.text
         if not stop or "ECG" not in text:
             assert result.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_batch_samples_each_row_as_on_its_own(shipped_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Greedy rows without penalties take one argmax over the batch: every row's token (and log-prob) is what
+    sampling that row alone gives, ties to the first maximum, beside penalised and sampled rows."""
+    from app.engine.sampling import penalised, sample
+
+    settings = [
+        SamplingParams(max_new_tokens=8),
+        SamplingParams(max_new_tokens=8, frequency_penalty=2.0),
+        SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3),
+        SamplingParams(max_new_tokens=8),
+        SamplingParams(max_new_tokens=8, presence_penalty=1.0),
+        SamplingParams(max_new_tokens=8),
+    ]
+    vocab = len(shipped_tokenizer)
+    for mixed in (settings, [settings[0], settings[3]]):  # some rows greedy, and every row greedy
+        logits = torch.randn(len(mixed), vocab, generator=torch.Generator().manual_seed(len(mixed)))
+        logits[0, 7] = logits[0, 11] = logits[0].max() + 1  # a tie: the first index wins
+        logits[-1, 50] = logits[-1, 20] = float("nan")  # broken logits: the first NaN, as torch.argmax
+        # earlier ids, so the penalties apply; each row's own generator, seeded alike in both
+        rows, alone = (
+            [Row(GenerationJob([1], p), torch.Generator().manual_seed(p.seed or 0), ids=[5, 5, 9]) for p in mixed]
+            for _ in "ab"
+        )
+        want = [sample(penalised(logits[r], row), row.job.params, row.gen) for r, row in enumerate(alone)]
+        assert Sampler(shipped_tokenizer, eos_id=-1).step(rows, logits) == want
+        assert want[0] == 7 and want[-1] == 20
