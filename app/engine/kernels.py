@@ -69,7 +69,7 @@ GROUPED = ("int4-avx2", "int4x8-avx2")
 FOUR_BIT = ("int4", *GROUPED)
 # kernels of app.engine.native
 NATIVE = ("int4-avx2", "float16-avx2", "int4x8-avx2", "int8-avx2")
-# FBGEMM's packed weights (TorchScript objects: reached through the medask::packed_linear operator)
+# FBGEMM's packed weights (TorchScript objects: reached through an operator taking an index, see Packed)
 FBGEMM = ("float16", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # GPTQ's CPU kernel stores a group's 4-bit values q as w = (q - 8) * scale + zero
