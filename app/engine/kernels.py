@@ -23,8 +23,8 @@ and on the layer's shape, so each is timed at start (``app.engine.layers.choose_
   checked at start like int8. Where the CPU has AVX-512 VNNI, it and ``int8-avx2`` sum the byte products of
   tiles of 2-4 rows with ``vpdpbusd`` instead (the same outputs bit for bit; ``app.engine.native.integer_dot``).
 - ``int8-avx2``: int8's weights (one scale per output) times 8-bit activations per row and group, in
-  MedAsk's C++ kernel (ggml's Q8_0 x Q8_0 dot): for the LM head, which the checkpoint keeps in 16 bits,
-  without FBGEMM's Python operator around each call. Checked at start like int8.
+  MedAsk's C++ kernel (ggml's Q8_0 x Q8_0 dot): for the LM head, which the checkpoint keeps in 16 bits.
+  Checked at start like int8.
 - ``int8``: FBGEMM's dynamic int8 GEMM (``quantized::linear_dynamic``): int8 weights per output
   channel, activations quantized per row on a fixed grid (``_int8_rows``), integer dot products
   (VNNI where present): the arithmetic ggml's Q8_0 dot uses. Where the native library is loaded, the

@@ -54,8 +54,8 @@ def test_streamed_pieces_are_the_final_text(shipped_tokenizer, stop: tuple[str, 
 
 
 def test_a_batch_samples_each_row_as_on_its_own(shipped_tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """Greedy rows without penalties take one argmax over the batch: every row's token (and log-prob) is what
-    sampling that row alone gives, ties to the first maximum, beside penalised and sampled rows."""
+    """Greedy rows without penalties take one argmax over the batch: every row's token is what sampling that
+    row alone gives, ties to the first maximum, NaN to the first NaN, beside penalised and sampled rows."""
     from app.engine.sampling import penalised, sample
 
     settings = [
